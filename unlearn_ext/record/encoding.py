@@ -1,0 +1,195 @@
+"""Compact encoding of sparse parameter updates, one encoding per layer segment (SPEC §2).
+
+An update arrives as ``(values, indices, offsets)`` — the format of :func:`unlearn_ext.ops.layerwise_topk`:
+segment s owns ``values[offsets[s]:offsets[s+1]]`` and their flat int32 indices, ascending, within a
+layer of ``numels[s]`` elements. Each segment keeps whichever structure is smallest for its k entries:
+
+=========  ==========================================  =======================================
+kind       structure bytes (beside k values)           used when
+=========  ==========================================  =======================================
+EMPTY      0                                           k == 0 (the layer did not change)
+INDEX      4·k (int32 indices)                         4·k <= ⌈n/8⌉, i.e. below about 3% kept
+BITMASK    ⌈n/8⌉ (bit i of byte j marks entry 8j+i)    above that
+FULL       0 (indices are 0..n-1)                      k == n (a dense layer)
+=========  ==========================================  =======================================
+
+Values are stored in segment order whatever the kind, cast to the store's value dtype. Encoding and
+decoding are vectorised over all segments (any number of stored updates at once) and run on the device
+of their inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+EMPTY, INDEX, BITMASK, FULL = 0, 1, 2, 3
+KIND_NAMES = ("empty", "index", "bitmask", "full")
+
+
+def mask_nbytes(numel: int) -> int:
+    return (numel + 7) // 8
+
+
+def choose_kind(count: int, numel: int) -> int:
+    """The smallest encoding of ``count`` kept entries of a layer of ``numel`` elements (ties: INDEX)."""
+    if count == 0:
+        return EMPTY
+    if count == numel:
+        return FULL
+    return INDEX if 4 * count <= mask_nbytes(numel) else BITMASK
+
+
+def structure_nbytes(kind: int, count: int, numel: int) -> int:
+    """Bytes a segment spends beside its values."""
+    return 4 * count if kind == INDEX else mask_nbytes(numel) if kind == BITMASK else 0
+
+
+@dataclass
+class Encoded:
+    """Encoded segments (one stored update has L of them; a batch of B updates B·L).
+
+    ``kinds`` uint8 and ``counts`` int64 per segment; ``values`` (value dtype) for every kept entry in
+    segment order; ``index`` int32 for the INDEX segments' entries; ``mask`` uint8, the ⌈n/8⌉ bytes of
+    every BITMASK segment one after another.
+    """
+
+    kinds: Tensor
+    counts: Tensor
+    values: Tensor
+    index: Tensor
+    mask: Tensor
+
+    def to(self, device) -> "Encoded":
+        return Encoded(*(t.to(device) for t in (self.kinds, self.counts, self.values, self.index, self.mask)))
+
+    @staticmethod
+    def cat(parts: Sequence["Encoded"]) -> "Encoded":
+        return Encoded(*(torch.cat([getattr(p, f) for p in parts])
+                         for f in ("kinds", "counts", "values", "index", "mask")))
+
+
+def nbytes_by_kind(kinds: Sequence[int], counts: Sequence[int], numels: Sequence[int],
+                   value_itemsize: int) -> Dict[str, int]:
+    """Exact bytes (values + structure) spent on segments of each kind."""
+    out = dict.fromkeys(KIND_NAMES, 0)
+    for kind, k, n in zip(kinds, counts, numels):
+        out[KIND_NAMES[kind]] += k * value_itemsize + structure_nbytes(kind, k, n)
+    return out
+
+
+def _exclusive_cumsum(x: Tensor) -> Tensor:
+    return torch.cumsum(x, 0) - x
+
+
+def local_positions(counts: Tensor) -> Tensor:
+    """0..counts[s]-1 for every segment s, concatenated: the entry's position inside its segment, which
+    is its flat index when the segment holds the whole layer."""
+    total = int(counts.sum())
+    starts = _exclusive_cumsum(counts)
+    return torch.arange(total, device=counts.device) - torch.repeat_interleave(starts, counts,
+                                                                               output_size=total)
+
+
+_SHIFTS: Dict[torch.device, Tensor] = {}
+
+
+def _shifts(device) -> Tensor:
+    device = torch.device(device)
+    if device not in _SHIFTS:
+        _SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
+    return _SHIFTS[device]
+
+
+def encode(values: Tensor, indices: Optional[Tensor], offsets: Tensor, numels: Sequence[int],
+           value_dtype: torch.dtype = torch.float32) -> Encoded:
+    """Encode one or more updates of ``len(numels)`` layers each.
+
+    ``indices=None`` means every entry of every layer is present (a dense update: ``values`` is the
+    concatenation of the flattened layers and ``offsets`` their cumulative sizes).
+    """
+    device = values.device
+    off = offsets.tolist()
+    counts = [b - a for a, b in zip(off[:-1], off[1:])]
+    if len(counts) % len(numels):
+        raise ValueError(f"offsets has {len(counts)} segments, not a multiple of {len(numels)} layers")
+    seg_numels = list(numels) * (len(counts) // len(numels))
+    kinds = [choose_kind(k, n) for k, n in zip(counts, seg_numels)]
+    counts_t = torch.tensor(counts, dtype=torch.int64, device=device)
+    kinds_t = torch.tensor(kinds, dtype=torch.uint8, device=device)
+    empty_i32 = torch.zeros(0, dtype=torch.int32, device=device)
+    empty_u8 = torch.zeros(0, dtype=torch.uint8, device=device)
+    vals = values.to(value_dtype).contiguous()
+    if indices is None or all(k in (EMPTY, FULL) for k in kinds):
+        return Encoded(kinds_t, counts_t, vals, empty_i32, empty_u8)
+
+    entry_kind = torch.repeat_interleave(kinds_t, counts_t, output_size=len(indices))
+    index = indices[entry_kind == INDEX] if INDEX in kinds else empty_i32
+    mask = empty_u8
+    if BITMASK in kinds:
+        is_bm = entry_kind == BITMASK
+        seg_bytes = torch.tensor([mask_nbytes(n) if k == BITMASK else 0 for k, n in zip(kinds, seg_numels)],
+                                 dtype=torch.int64, device=device)
+        bit_base = 8 * torch.repeat_interleave(_exclusive_cumsum(seg_bytes), counts_t,
+                                               output_size=len(indices))
+        bits = torch.zeros(8 * int(seg_bytes.sum()), dtype=torch.uint8, device=device)
+        bits[indices[is_bm].long() + bit_base[is_bm]] = 1
+        # Pack 8 bits a byte, least significant first (each byte sums distinct powers of two).
+        mask = torch.sum(bits.view(-1, 8) << _shifts(device), dim=1, dtype=torch.uint8)
+    return Encoded(kinds_t, counts_t, vals, index.contiguous(), mask)
+
+
+def decode(enc: Encoded, numels: Sequence[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(values, int32 indices, int64 offsets)`` of the encoded segments (layers cycle through
+    ``numels``), on ``enc``'s device — the input format of :func:`unlearn_ext.ops.sparse_accumulate_`."""
+    device = enc.values.device
+    counts, kinds = enc.counts, enc.kinds
+    total = int(counts.sum())
+    if total != enc.values.numel():
+        raise ValueError(f"encoded update is inconsistent: counts sum to {total} but there are "
+                         f"{enc.values.numel()} values")
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    present = set(torch.unique(kinds[counts > 0]).tolist())
+    indices = torch.empty(total, dtype=torch.int32, device=device)
+    if present == {INDEX}:
+        indices.copy_(enc.index)
+    elif present:
+        entry_kind = torch.repeat_interleave(kinds, counts, output_size=total)
+        parts: List[Tuple[int, Tensor]] = []
+        if INDEX in present:
+            parts.append((INDEX, enc.index))
+        if FULL in present:
+            parts.append((FULL, local_positions(torch.where(kinds == FULL, counts, 0))))
+        if BITMASK in present:
+            parts.append((BITMASK, _decode_bits(enc, numels)))
+        for kind, local in parts:
+            sel = entry_kind == kind
+            if int(sel.sum()) != local.numel():
+                raise ValueError(f"encoded update is inconsistent: {KIND_NAMES[kind]} segments hold "
+                                 f"{local.numel()} entries, counts say {int(sel.sum())}")
+            indices[sel] = local.to(torch.int32)
+    return enc.values, indices, offsets
+
+
+def _decode_bits(enc: Encoded, numels: Sequence[int]) -> Tensor:
+    """Local indices of the BITMASK segments' entries, in segment order (checked against ``counts``)."""
+    device = enc.mask.device
+    reps = len(enc.counts) // len(numels)
+    seg_numels = torch.tensor(list(numels), dtype=torch.int64, device=device).repeat(reps)
+    seg_bits = torch.where(enc.kinds == BITMASK, 8 * ((seg_numels + 7) // 8), 0)
+    bit_ends = torch.cumsum(seg_bits, 0)
+    if len(bit_ends) == 0 or int(bit_ends[-1]) != 8 * enc.mask.numel():
+        raise ValueError(f"encoded update is inconsistent: {enc.mask.numel()} mask bytes do not match "
+                         "the bitmask layers' sizes")
+    pos = ((enc.mask.unsqueeze(1) >> _shifts(device)) & 1).view(-1).nonzero().view(-1)
+    seg = torch.searchsorted(bit_ends, pos, right=True)
+    local = pos - (bit_ends - seg_bits)[seg]
+    per_seg = torch.bincount(seg, minlength=len(seg_bits))
+    if not torch.equal(per_seg, torch.where(enc.kinds == BITMASK, enc.counts, 0)) or \
+            bool((local >= seg_numels[seg]).any()):
+        raise ValueError("encoded update is inconsistent: the bitmasks do not match the entry counts")
+    return local
