@@ -1,0 +1,98 @@
+"""The algorithm API: one class per method, a registry, and ``unlearn()`` (SPEC §3).
+
+Data are loaders yielding ``(x, y, sample_id)``. A method changes the model **in place** and returns it
+inside an :class:`UnlearnResult` with the wall-clock seconds and method-specific statistics (steps run,
+bytes read from a store, ...). Copy the model first (``copy.deepcopy``) to keep the original.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, Optional, Type, Union
+
+from torch import nn
+
+
+@dataclass
+class UnlearnResult:
+    model: nn.Module
+    seconds: float
+    stats: dict = field(default_factory=dict)
+
+
+class Method:
+    """Subclasses set ``name`` and ``defaults`` (every hyper-parameter, with the documented default) and
+    implement ``_run(model, forget, retain, store, hp) -> stats``."""
+
+    name: ClassVar[str] = ""
+    defaults: ClassVar[Dict[str, object]] = {}
+    needs_retain: ClassVar[bool] = False
+    needs_store: ClassVar[bool] = False
+
+    def __init__(self, **hparams):
+        self.hparams = self._merge(dict(self.defaults), hparams)
+
+    def _merge(self, base: dict, extra: dict) -> dict:
+        unknown = sorted(set(extra) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown hyper-parameter(s) {unknown}; "
+                             f"known: {sorted(self.defaults)}")
+        base.update(extra)
+        return base
+
+    def unlearn(self, model: nn.Module, forget, retain=None, store=None, **hparams) -> UnlearnResult:
+        hp = self._merge(dict(self.hparams), hparams)
+        if forget is None:
+            raise ValueError(f"{self.name}: forget must be a loader of (x, y, sample_id) batches")
+        if self.needs_retain and retain is None:
+            raise ValueError(f"{self.name}: needs retain= (a loader of the retain set)")
+        if self.needs_store and store is None:
+            raise ValueError(f"{self.name}: needs store= (the update store recorded during training)")
+        start = time.perf_counter()
+        stats = self._run(model, forget, retain, store, hp) or {}
+        seconds = time.perf_counter() - start
+        model.eval()
+        return UnlearnResult(model, seconds, {"method": self.name, "hparams": _plain(hp), **stats})
+
+    def _run(self, model, forget, retain, store, hp: dict) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _plain(hp: dict) -> dict:
+    """Hyper-parameters as JSON-friendly values (callables and objects by name)."""
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else repr(v))
+            for k, v in hp.items()}
+
+
+_REGISTRY: Dict[str, Type[Method]] = {}
+
+
+def register_method(cls: Type[Method]) -> Type[Method]:
+    """Class decorator: make ``cls`` available as ``unlearn(cls.name, ...)``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty `name`")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> Type[Method]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {available_methods()}") from None
+
+
+def available_methods() -> list:
+    return sorted(_REGISTRY)
+
+
+def unlearn(method: Union[str, Method, Type[Method]], model: nn.Module, forget, retain=None, store=None,
+            **hparams) -> UnlearnResult:
+    """Run ``method`` (a registered name, a Method class or instance) on ``model`` in place."""
+    if isinstance(method, str):
+        method = get_method(method)()
+    elif isinstance(method, type):
+        method = method()
+    return method.unlearn(model, forget, retain=retain, store=store, **hparams)

@@ -1,0 +1,237 @@
+"""Layer-wise partial optimizers: drop-in ``torch.optim.SGD`` / ``torch.optim.AdamW`` that update only
+``keep_count(nˡ, keep_ratio)`` coordinates of every parameter tensor per step (SPEC §1.5, §3).
+
+Each step makes one fused :func:`unlearn_ext.ops.masked_sgd_` / :func:`~unlearn_ext.ops.masked_adam_`
+call per parameter group (two only in the corner cases noted below), so the arithmetic never loops over
+layers in Python.
+
+Selection (``selection=``), per parameter tensor ("layer") and step:
+
+* ``"magnitude"`` (default): the kˡ entries of largest |grad| — the *M-max* partial update of adaptive
+  filtering; chosen inside the op (``masks=None``), ties by lower flat index.
+* ``"random"``: a fresh uniformly random kˡ-subset every step. One ``torch.rand`` draw over the whole
+  group from a generator re-seeded from ``(seed, group index, step)``, then the op's top-k of those
+  scores — so a run is reproducible and a ``state_dict`` round trip continues the same sequence.
+* ``"round_robin"``: the flat coordinates split into fixed contiguous blocks ``[j·kˡ, (j+1)·kˡ)`` (the
+  last one shorter when kˡ does not divide nˡ), block ``(t − 1) mod ⌈nˡ/kˡ⌉`` at the tensor's t-th step —
+  the *sequential* partial update.
+
+Unselected coordinates get ``off_scale · grad`` (default 0: param and optimizer state bitwise unchanged;
+weight decay and momentum do not move them). ``keep_ratio=1.0`` (default) is the plain optimizer and
+matches ``torch.optim.SGD`` / ``AdamW`` from the first step.
+
+State uses torch's names — ``momentum_buffer`` (SGD), ``step`` / ``exp_avg`` / ``exp_avg_sq`` (AdamW) —
+so ``state_dict`` / ``load_state_dict`` are torch's own and a torch optimizer's state loads here. SGD
+keeps a per-tensor ``step`` as well when the selection needs a step count (random, round robin).
+
+Semantics worth knowing:
+
+* torch.optim.SGD's first momentum step sets ``buf = d``; here the buffer is created zeroed and that first
+  step runs with ``dampening=0`` (``0·momentum + d == d``). With ``dampening != 0``, a group whose tensors
+  are at different steps (one had no grad earlier) therefore takes two op calls. With ``keep_ratio < 1``
+  a coordinate first selected at a later step starts from the zero buffer, i.e. gets ``(1 − dampening)·d``.
+* AdamW's bias correction uses each tensor's step count; tensors of one group at different counts are
+  stepped in one op call per distinct count.
+* Not supported (``ValueError``): sparse or complex gradients, AdamW's ``amsgrad``, ``differentiable`` and
+  ``capturable``. ``foreach`` / ``fused`` are accepted for drop-in compatibility and ignored (the step is
+  always one fused op call).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+
+from . import ops
+
+Tensor = torch.Tensor
+SELECTIONS = ("magnitude", "random", "round_robin")
+
+
+class _PartialOptimizer(torch.optim.Optimizer):
+    """What PartialSGD and PartialAdamW share: partial-update options, gradient gathering, masks."""
+
+    def __init__(self, params, defaults: dict, *, keep_ratio: float, selection: str, off_scale: float,
+                 seed: int, differentiable: bool):
+        if differentiable:
+            raise ValueError(f"{type(self).__name__} does not support differentiable=True")
+        ops.checks.ratio("keep_ratio", keep_ratio)
+        ops.checks.finite("off_scale", off_scale, low=0.0)
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        defaults.update(keep_ratio=float(keep_ratio), selection=selection, off_scale=float(off_scale),
+                        seed=int(seed))
+        super().__init__(params, defaults)
+        self._generators: Dict[torch.device, torch.Generator] = {}
+
+    def __setstate__(self, state):
+        # load_state_dict goes through here: groups saved by torch.optim.SGD/AdamW lack our options.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def _gather(self, group: dict):
+        """(params, grads) of the group's tensors that have a gradient, as torch's optimizers skip the rest."""
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+            if torch.is_complex(p):
+                raise ValueError(f"{type(self).__name__} does not support complex parameters")
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    def _masks(self, group: dict, group_index: int, params: List[Tensor], steps: List[int]
+               ) -> Optional[List[Tensor]]:
+        """Explicit masks for the random / round-robin selections; None lets the op pick by |grad|."""
+        ratio, selection = group["keep_ratio"], group["selection"]
+        if selection == "magnitude" or ratio == 1.0:
+            return None
+        if selection == "random":
+            dev = params[0].device
+            gen = self._generators.get(dev)
+            if gen is None:
+                gen = self._generators[dev] = torch.Generator(device=dev)
+            # Re-seeded from the step count (kept in state), so a reloaded optimizer draws the same subsets.
+            gen.manual_seed((group["seed"] * 1_000_003 + group_index * 7_919 + steps[0]) % (2**63 - 1))
+            sizes = [p.numel() for p in params]
+            scores = torch.rand(sum(sizes), generator=gen, device=dev).split(sizes)
+            return ops.layerwise_topk_mask([s.view(p.shape) for s, p in zip(scores, params)], ratio)
+        masks = []
+        for p, t in zip(params, steps):  # round robin: builds masks only, no arithmetic per layer
+            n = p.numel()
+            k = ops.keep_count(n, ratio)
+            block = (t - 1) % math.ceil(n / k)
+            m = torch.zeros(n, dtype=torch.bool, device=p.device)
+            m[block * k:(block + 1) * k] = True
+            masks.append(m.view(p.shape))
+        return masks
+
+
+class PartialSGD(_PartialOptimizer):
+    """``torch.optim.SGD`` with layer-wise partial updates through :func:`unlearn_ext.ops.masked_sgd_`.
+
+    Same constructor as ``torch.optim.SGD`` plus ``keep_ratio`` (r ∈ (0, 1], default 1.0 = plain SGD),
+    ``selection`` ("magnitude" | "random" | "round_robin"), ``off_scale`` (default 0) and ``seed`` (for
+    ``selection="random"``). All four may be set per parameter group.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
+                 keep_ratio: float = 1.0, selection: str = "magnitude", off_scale: float = 0.0, seed: int = 0):
+        for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            ops.checks.finite(name, v, low=0.0)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=float(lr), momentum=float(momentum), dampening=float(dampening),
+                        weight_decay=float(weight_decay), nesterov=bool(nesterov), maximize=bool(maximize),
+                        foreach=foreach, fused=fused, differentiable=False)
+        super().__init__(params, defaults, keep_ratio=keep_ratio, selection=selection, off_scale=off_scale,
+                         seed=seed, differentiable=differentiable)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            params, grads = self._gather(group)
+            if not params:
+                continue
+            momentum = group["momentum"]
+            counted = group["selection"] != "magnitude"  # random / round robin need a step count
+            steps, bufs, fresh = [], [], []
+            for p in params:
+                state = self.state[p]
+                if counted:
+                    state["step"] = state.get("step", torch.tensor(0.0)) + 1
+                    steps.append(int(state["step"].item()))
+                if momentum != 0:
+                    fresh.append("momentum_buffer" not in state)
+                    if fresh[-1]:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    bufs.append(state["momentum_buffer"])
+            masks = self._masks(group, gi, params, steps)
+            hyper = dict(ratio=group["keep_ratio"], lr=group["lr"], momentum=momentum,
+                         weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                         maximize=group["maximize"], off_scale=group["off_scale"])
+            if momentum == 0 or group["dampening"] == 0 or all(fresh) or not any(fresh):
+                # A zeroed buffer with dampening 0 is torch's first step (buf = d).
+                damp = 0.0 if (momentum != 0 and all(fresh)) else group["dampening"]
+                ops.masked_sgd_(params, grads, bufs, masks, dampening=damp, **hyper)
+            else:  # new and old buffers with dampening != 0: one call each
+                for new in (True, False):
+                    idx = [i for i, f in enumerate(fresh) if f == new]
+                    ops.masked_sgd_([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
+                                    None if masks is None else [masks[i] for i in idx],
+                                    dampening=0.0 if new else group["dampening"], **hyper)
+        return loss
+
+
+class PartialAdamW(_PartialOptimizer):
+    """``torch.optim.AdamW`` with layer-wise partial updates through :func:`unlearn_ext.ops.masked_adam_`.
+
+    Same constructor as ``torch.optim.AdamW`` (``amsgrad`` must stay False) plus ``keep_ratio``,
+    ``selection``, ``off_scale`` and ``seed`` as in :class:`PartialSGD`. Weight decay is decoupled and,
+    with ``off_scale=0``, applied only to the selected coordinates.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, keep_ratio: float = 1.0, selection: str = "magnitude",
+                 off_scale: float = 0.0, seed: int = 0):
+        if amsgrad or capturable:
+            raise ValueError("PartialAdamW supports neither amsgrad nor capturable")
+        for name, v in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+            ops.checks.finite(name, v, low=0.0)
+        for i, b in enumerate(betas):
+            if not 0.0 <= float(b) < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+        defaults = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
+                        weight_decay=float(weight_decay), amsgrad=False, maximize=bool(maximize),
+                        foreach=foreach, capturable=False, differentiable=False, fused=fused)
+        super().__init__(params, defaults, keep_ratio=keep_ratio, selection=selection, off_scale=off_scale,
+                         seed=seed, differentiable=differentiable)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            params, grads = self._gather(group)
+            if not params:
+                continue
+            steps = []
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                state["step"] += 1
+                steps.append(int(state["step"].item()))
+            masks = self._masks(group, gi, params, steps)
+            beta1, beta2 = group["betas"]
+            for t in sorted(set(steps)):  # bias correction is per step count: one call per distinct count
+                idx = [i for i, s in enumerate(steps) if s == t]
+                sub = [params[i] for i in idx]
+                ops.masked_adam_(sub, [grads[i] for i in idx], [self.state[p]["exp_avg"] for p in sub],
+                                 [self.state[p]["exp_avg_sq"] for p in sub],
+                                 None if masks is None else [masks[i] for i in idx], ratio=group["keep_ratio"],
+                                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                 weight_decay=group["weight_decay"], step=t, maximize=group["maximize"],
+                                 off_scale=group["off_scale"])
+        return loss
+
+
+__all__ = ["PartialSGD", "PartialAdamW", "SELECTIONS"]
