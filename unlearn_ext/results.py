@@ -1,0 +1,75 @@
+"""Presenting an experiment: the results table, results.json and the PNG chart."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, List
+
+COLUMNS = [  # (header, row key, format)
+    ("RA", "retain_acc", "{:.3f}"), ("FA", "forget_acc", "{:.3f}"), ("TA", "test_acc", "{:.3f}"),
+    ("MIA", "mia_lr_acc", "{:.3f}"), ("indisc.", "mia_indiscernibility", "{:.3f}"),
+    ("SVC-MIA", "mia_svc_member_fraction", "{:.3f}"), ("storage MB", "storage_mb", "{:.2f}"),
+    ("seconds", "seconds", "{:.1f}"), ("RTE", "rte", "{:.1f}"), ("Avg.Gap", "gap", "{:.3f}"),
+]
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    if key == "storage_mb":
+        v = row.get("storage_bytes")
+        return "" if v is None else f"{v / 1e6:.2f} / {row['dense_bytes'] / 1e6:.2f} dense"
+    v = row.get(key)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return fmt.format(v)
+
+
+def table(result: dict) -> str:
+    """A markdown table: one row per model, the retrained model's row first after the original."""
+    heads = ["method"] + [h for h, _, _ in COLUMNS]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for name, row in result["rows"].items():
+        lines.append("| " + " | ".join([name] + [_cell(row, k, f) for _, k, f in COLUMNS]) + " |")
+    return "\n".join(lines)
+
+
+def summary(result: dict) -> str:
+    s = result["sizes"]
+    return (f"data set {result['dataset']} ({result['dataset_source']}): train {s['train']}, forget "
+            f"{s['forget']}, retain {s['retain']}, test {s['test']}; model {result['config']['model']}; "
+            f"fraction of training steps holding a forget sample: "
+            f"{result['fraction_of_steps_with_forget']:.1%} (the steps amnesiac methods undo)")
+
+
+def write_json(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, default=repr)
+
+
+def chart(result: dict, path: str) -> None:
+    """Grouped bars of RA, FA, TA and MIA per method, the retrained model's values as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names: List[str] = list(result["rows"])
+    keys = [("RA", "retain_acc"), ("FA", "forget_acc"), ("TA", "test_acc"), ("MIA", "mia_lr_acc")]
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(names)), 4.5))
+    width = 0.8 / len(keys)
+    retrain: Dict[str, float] = result["rows"].get("retrain", {})
+    for j, (label, key) in enumerate(keys):
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(names))]
+        bar = ax.bar(xs, [result["rows"][n].get(key, float("nan")) for n in names], width, label=label)
+        if key in retrain:
+            ax.axhline(retrain[key], color=bar.patches[0].get_facecolor(), ls="--", lw=0.8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score (dashed: Retrain)")
+    ax.set_title(f"{result['dataset']} / {result['config']['model']}: unlearning methods vs Retrain")
+    ax.legend(ncol=4, fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
