@@ -1,0 +1,201 @@
+"""PartialSGD / PartialAdamW: torch parity at keep_ratio 1, the partial-update contract, state round trips."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from unlearn_ext import ops
+from unlearn_ext.optim import PartialAdamW, PartialSGD
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+
+
+def _batches(n=20, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 12, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
+
+
+def _step(model, opt, x, y):
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+SGD_CASES = [dict(lr=0.1), dict(lr=0.05, momentum=0.9), dict(lr=0.05, momentum=0.9, dampening=0.3),
+             dict(lr=0.05, momentum=0.9, nesterov=True), dict(lr=0.05, momentum=0.5, weight_decay=0.01),
+             dict(lr=0.05, momentum=0.9, weight_decay=0.01, maximize=True)]
+ADAMW_CASES = [dict(), dict(lr=0.01, weight_decay=0.1), dict(lr=0.01, betas=(0.5, 0.9), eps=1e-6),
+               dict(lr=0.003, maximize=True, weight_decay=0.0)]
+
+
+def _parity(ours_cls, torch_cls, kw):
+    a, b = _model(), _model()
+    oa, ob = ours_cls(a.parameters(), **kw), torch_cls(b.parameters(), **kw)
+    for x, y in _batches():
+        _step(a, oa, x, y)
+        _step(b, ob, x, y)
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+    return oa, ob
+
+
+@pytest.mark.parametrize("kw", SGD_CASES)
+def test_sgd_matches_torch_at_full_ratio(kw):
+    oa, ob = _parity(PartialSGD, torch.optim.SGD, kw)
+    if kw.get("momentum"):
+        for p, q in zip(oa.param_groups[0]["params"], ob.param_groups[0]["params"]):
+            torch.testing.assert_close(oa.state[p]["momentum_buffer"], ob.state[q]["momentum_buffer"],
+                                       rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw", ADAMW_CASES)
+def test_adamw_matches_torch_at_full_ratio(kw):
+    _parity(PartialAdamW, torch.optim.AdamW, kw)
+
+
+@pytest.mark.parametrize("cls,tcls,kw", [(PartialSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3)),
+                                         (PartialAdamW, torch.optim.AdamW, dict(lr=0.01))])
+def test_param_without_grad_at_first_step_matches_torch(cls, tcls, kw):
+    """A tensor that first gets a gradient at step 2 starts its state then, as in torch (separate call)."""
+    a, b = _model(), _model()
+    oa, ob = cls(a.parameters(), **kw), tcls(b.parameters(), **kw)
+    for i, (x, y) in enumerate(_batches(6)):
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            if i == 0:
+                m[2].bias.grad = None
+            o.step()
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+
+
+def _changes_at_most_k(cls, kw, ratio):
+    model = _model()
+    opt = cls(model.parameters(), keep_ratio=ratio, **kw)
+    state_keys = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+    for x, y in _batches(8):
+        before = [p.detach().clone() for p in model.parameters()]
+        states = [{k: opt.state[p][k].clone() for k in state_keys if k in opt.state[p]} for p in model.parameters()]
+        _step(model, opt, x, y)
+        for p, b, st in zip(model.parameters(), before, states):
+            changed = p.detach() != b
+            assert int(changed.sum()) <= ops.keep_count(p.numel(), ratio)
+            frozen = ~changed
+            for k, old in st.items():  # optimizer state of a frozen coordinate is untouched too
+                new = opt.state[p][k]
+                sel = frozen & (new != old)
+                assert not sel.any(), f"{k} moved on a frozen coordinate"
+            if "momentum_buffer" in opt.state[p]:  # a coordinate whose buffer moved must be one that moved
+                assert int((opt.state[p]["momentum_buffer"] != st.get("momentum_buffer", 0)).sum()) <= \
+                    ops.keep_count(p.numel(), ratio)
+
+
+@pytest.mark.parametrize("selection", ["magnitude", "random", "round_robin"])
+@pytest.mark.parametrize("ratio", [0.05, 0.3])
+def test_sgd_partial_changes_at_most_k_and_freezes_the_rest(selection, ratio):
+    _changes_at_most_k(PartialSGD, dict(lr=0.1, momentum=0.9, weight_decay=0.05, selection=selection), ratio)
+
+
+@pytest.mark.parametrize("selection", ["magnitude", "random", "round_robin"])
+def test_adamw_partial_changes_at_most_k_and_freezes_the_rest(selection):
+    _changes_at_most_k(PartialAdamW, dict(lr=0.01, weight_decay=0.1, selection=selection), 0.1)
+
+
+def test_magnitude_selection_updates_largest_gradients():
+    model = _model()
+    opt = PartialSGD(model.parameters(), lr=0.1, keep_ratio=0.1)
+    x, y = _batches(1)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    _step(model, opt, x, y)
+    for p, b in zip(model.parameters(), before):
+        expected = ops.layerwise_topk_mask([p.grad], 0.1)[0]
+        assert torch.equal(p.detach() != b, expected & (p.grad != 0))
+
+
+def test_round_robin_cycles_through_fixed_blocks_and_random_varies():
+    lin = nn.Linear(10, 1, bias=False)  # 10 weights, r = 0.3 -> blocks [0,3) [3,6) [6,9) [9,10)
+    opt = PartialSGD(lin.parameters(), lr=0.1, keep_ratio=0.3, selection="round_robin")
+    touched = []
+    for _ in range(5):
+        before = lin.weight.detach().clone()
+        opt.zero_grad()
+        lin.weight.grad = torch.ones_like(lin.weight)
+        opt.step()
+        touched.append((lin.weight.detach() != before).view(-1).nonzero().view(-1).tolist())
+    assert touched == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9], [0, 1, 2]]
+
+    lin = nn.Linear(50, 1, bias=False)
+    opt = PartialSGD(lin.parameters(), lr=0.1, keep_ratio=0.2, selection="random", seed=3)
+    sets = []
+    for _ in range(3):
+        before = lin.weight.detach().clone()
+        lin.weight.grad = torch.ones_like(lin.weight)
+        opt.step()
+        changed = (lin.weight.detach() != before).view(-1)
+        assert int(changed.sum()) == 10
+        sets.append(changed)
+    assert not torch.equal(sets[0], sets[1]) and not torch.equal(sets[1], sets[2])
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (PartialSGD, dict(lr=0.05, momentum=0.9, keep_ratio=0.2)),
+    (PartialSGD, dict(lr=0.05, momentum=0.9, dampening=0.1, keep_ratio=0.2, selection="random")),
+    (PartialSGD, dict(lr=0.05, keep_ratio=0.2, selection="round_robin")),
+    (PartialAdamW, dict(lr=0.01, keep_ratio=0.3, selection="random")),
+    (PartialAdamW, dict(lr=0.01)),
+])
+def test_state_dict_round_trip_continues_identically(cls, kw):
+    batches = _batches(10)
+    a = _model()
+    oa = cls(a.parameters(), **kw)
+    for x, y in batches[:5]:
+        _step(a, oa, x, y)
+    b = copy.deepcopy(a)
+    ob = cls(b.parameters(), **kw)
+    ob.load_state_dict(copy.deepcopy(oa.state_dict()))
+    for x, y in batches[5:]:
+        _step(a, oa, x, y)
+        _step(b, ob, x, y)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_loads_a_torch_sgd_state_dict():
+    a, b = _model(), _model()
+    kw = dict(lr=0.05, momentum=0.9)
+    oa, ob = torch.optim.SGD(a.parameters(), **kw), torch.optim.SGD(b.parameters(), **kw)
+    batches = _batches(8)
+    for x, y in batches[:4]:
+        _step(a, oa, x, y)
+        _step(b, ob, x, y)
+    ours = PartialSGD(b.parameters(), **kw)
+    ours.load_state_dict(ob.state_dict())
+    for x, y in batches[4:]:
+        _step(a, oa, x, y)
+        _step(b, ours, x, y)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+
+
+def test_per_group_keep_ratio_and_bad_arguments():
+    model = _model()
+    opt = PartialSGD([{"params": model[0].parameters(), "keep_ratio": 0.1},
+                      {"params": model[2].parameters()}], lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    _step(model, opt, *_batches(1)[0])
+    w0, w2 = model[0].weight, model[2].weight
+    assert int((w0.detach() != before[0]).sum()) <= ops.keep_count(w0.numel(), 0.1)
+    assert int((w2.detach() != before[2]).sum()) > ops.keep_count(w2.numel(), 0.5)
+    params = list(_model().parameters())
+    for bad in (dict(keep_ratio=0.0), dict(keep_ratio=1.5), dict(selection="topk"), dict(off_scale=-1.0),
+                dict(lr=-1.0), dict(nesterov=True), dict(differentiable=True)):
+        with pytest.raises(ValueError):
+            PartialSGD(params, **bad)
+    for bad in (dict(amsgrad=True), dict(betas=(1.0, 0.9)), dict(capturable=True)):
+        with pytest.raises(ValueError):
+            PartialAdamW(params, **bad)
