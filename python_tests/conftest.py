@@ -26,8 +26,9 @@ def _layer(shape, dtype, kind: str, gen: torch.Generator) -> torch.Tensor:
     if kind == "ties":  # heavy ties: a few integer levels, both signs and signed zeros
         x = torch.randint(-3, 4, shape, generator=gen).float()
         x[torch.rand(shape, generator=gen) < 0.1] = -0.0
-    elif kind == "scaled":  # values over many binades
-        x = torch.randn(shape, generator=gen) * torch.exp2(torch.randint(-20, 20, shape, generator=gen).float())
+    elif kind == "scaled":  # values over many binades (float16 tops out at 65504)
+        hi = 10 if dtype == torch.float16 else 20
+        x = torch.randn(shape, generator=gen) * torch.exp2(torch.randint(-20, hi, shape, generator=gen).float())
     else:
         x = torch.randn(shape, generator=gen)
     return x.to(dtype)
@@ -61,3 +62,23 @@ def assert_step_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     tol = {torch.float32: (4e-6, 1e-6), torch.float16: (2e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
     rtol, atol = tol[actual.dtype]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+# Devices the op tests run on: the CPU always, CUDA only where a GPU is visible (else a clean skip).
+OP_DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                   reason="no CUDA device")))
+
+
+@pytest.fixture(params=OP_DEVICES)
+def op_device(request) -> torch.device:
+    """The device an op test runs on (``cpu``; ``cuda`` skipped cleanly without a GPU)."""
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def compiled_backend():
+    """Skips a test that exercises the compiled kernels directly when the reference back-end is active."""
+    import unlearn_ext
+
+    if unlearn_ext.build_info()["backend"] != "compiled":
+        pytest.skip("compiled kernels not loaded (reference back-end)")
