@@ -283,11 +283,13 @@ PAPER_MODELS: Dict[str, Tuple[str, ...]] = {
 
 
 def _key(name: str) -> str:
-    key = name.lower().replace("-", "_")
-    key = {"vitl": "vit_l", "vit_large": "vit_l", "simple_vit": "simplevit", "lenet5": "lenet"}.get(key, key)
-    if key not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {available_models()}")
-    return key
+    """Registry key of ``name``, ignoring case, ``-`` and ``_`` ("ResNet-50", "vit-l", "lenet5" ...)."""
+    bare = name.lower().replace("-", "").replace("_", "")
+    bare = {"vitlarge": "vitl", "lenet5": "lenet"}.get(bare, bare)
+    for key in MODELS:
+        if key.replace("_", "") == bare:
+            return key
+    raise ValueError(f"unknown model {name!r}; available: {available_models()}")
 
 
 def available_models() -> List[str]:
