@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import platform
 import statistics
@@ -20,15 +19,15 @@ import sys
 
 import torch
 
-from unlearn_ext import build_info
+from unlearn_ext import build_info, results
 from unlearn_ext.experiment import DEMO_METHODS, ExperimentConfig, run_experiment
 
-METRICS = [("RA", "retain_acc"), ("FA", "forget_acc"), ("TA", "test_acc"), ("MIA", "mia_lr_acc"),
-           ("SVC-MIA", "mia_svc_member_fraction"), ("Avg.Gap", "gap"), ("seconds", "seconds")]
+METRICS = [("RA", "RA"), ("FA", "FA"), ("TA", "TA"), ("MIA", "MIA"), ("LR-MIA", "LR_MIA"), ("Avg.Gap", "avg_gap"),
+           ("seconds", "seconds")]
 
 
 def _mean_std(values):
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    values = [v for v in values if v is not None]
     if not values:
         return ""
     mean = statistics.fmean(values)
@@ -42,9 +41,8 @@ def table(runs) -> str:
     lines = ["| method | " + " | ".join(h for h, _ in METRICS) + " | storage (MB) |",
              "|" + "---|" * (len(METRICS) + 2)]
     for name in names:
-        cells = [_mean_std([r["rows"][name].get(k) for r in runs]) for _, k in METRICS]
-        st = runs[0]["rows"][name].get("storage_bytes")
-        cells.append("" if st is None else f"{st / 1e6:.2f} of {runs[0]['rows'][name]['dense_bytes'] / 1e6:.2f}")
+        cells = [_mean_std([results.metric(r["rows"][name], k) for r in runs]) for _, k in METRICS]
+        cells.append(results.storage_cell(runs[0]["rows"][name]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -66,8 +64,8 @@ def main(argv=None) -> int:
            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch "
            f"{torch.__version__}; backend {build_info()['backend']}. Protocol: 8 epochs, batch 128, Adam; "
            f"random forget set of {args.forget_ratio:.0%}; training split subsampled to {args.train_size} "
-           f"(test {args.test_size}); mean ± std over seeds {seeds}. MIA: loss-LR attack accuracy "
-           "(0.5 = indiscernible); SVC-MIA: fraction of the forget set the shadow SVC calls member.", ""]
+           f"(test {args.test_size}); mean ± std over seeds {seeds}. LR-MIA: loss-LR attack accuracy "
+           "(0.5 = indiscernible); MIA: fraction of the forget set the shadow SVC (confidence feature) calls member.", ""]
     for ds in args.datasets.split(","):
         for model in args.models.split(","):
             runs = []

@@ -44,13 +44,6 @@ class ExperimentConfig:
     method_hparams: dict = field(default_factory=dict)  # {method: {hparam: value}}
 
 
-def _subsample(ds: data.IndexedTensorDataset, size: Optional[int], seed: int) -> data.IndexedTensorDataset:
-    if size is None or size >= len(ds):
-        return ds
-    g = torch.Generator().manual_seed(seed)
-    return ds.subset(torch.sort(torch.randperm(len(ds), generator=g)[:size]).values)
-
-
 def fraction_of_steps_with_forget(forget_fraction: float, batch_size: int) -> float:
     """With a random forget set of f·|D| samples and batch B, a fraction 1 − (1 − f)^B of all steps
     holds a forget sample — the steps amnesiac unlearning must undo."""
@@ -73,10 +66,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    splits = data.default_dataset(root=cfg.root) if cfg.dataset == "auto" else \
-        data.load_dataset(cfg.dataset, root=cfg.root)
-    train_ds = _subsample(splits.train, cfg.train_size, cfg.seed)
-    test_ds = _subsample(splits.test, cfg.test_size, cfg.seed + 1)
+    sizes = dict(train_size=cfg.train_size, test_size=cfg.test_size, seed=cfg.seed)
+    splits = data.default_dataset(cfg.root, **sizes) if cfg.dataset == "auto" else \
+        data.load_dataset(cfg.dataset, cfg.root, **sizes)
+    train_ds, test_ds = splits.train, splits.test
     fids = data.forget_ids(train_ds, ratio=None if cfg.forget_class is not None else cfg.forget_ratio,
                            cls=cfg.forget_class, seed=cfg.seed)
     forget_ds, retain_ds = data.split_forget(train_ds, fids)
@@ -107,7 +100,11 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
 
     context = {"num_classes": splits.num_classes, "train_config": tcfg, "model_factory": factory,
                "keep_ratio": cfg.keep_ratio, "seed": cfg.seed, "lr": lr}
-    rows = {"original": metrics.evaluate(model, loaders["forget"], loaders["retain"], loaders["test"])}
+    def evaluate(net):
+        return metrics.evaluate(net, forget=loaders["forget"], retain=loaders["retain"], test=loaders["test"],
+                                seed=cfg.seed)
+
+    rows = {"original": evaluate(model)}
     rows["original"].update(seconds=train_seconds)
     order = sorted(cfg.methods, key=lambda m: m != "retrain")  # Retrain first: the others are read against it
     for name in order:
@@ -117,7 +114,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
         net = copy.deepcopy(model)
         result = unlearn(cls(), net, forget=loaders["forget"], retain=loaders["retain"],
                          store=stores.get(name), **hp)
-        row = metrics.evaluate(net, loaders["forget"], loaders["retain"], loaders["test"])
+        row = evaluate(net)
         row.update(seconds=result.seconds, stats=result.stats)
         if name in stores:
             row.update(storage_bytes=stores[name].nbytes(),

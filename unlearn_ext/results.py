@@ -4,24 +4,32 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
-COLUMNS = [  # (header, row key, format)
-    ("RA", "retain_acc", "{:.3f}"), ("FA", "forget_acc", "{:.3f}"), ("TA", "test_acc", "{:.3f}"),
-    ("MIA", "mia_lr_acc", "{:.3f}"), ("indisc.", "mia_indiscernibility", "{:.3f}"),
-    ("SVC-MIA", "mia_svc_member_fraction", "{:.3f}"), ("storage MB", "storage_mb", "{:.2f}"),
-    ("seconds", "seconds", "{:.1f}"), ("RTE", "rte", "{:.1f}"), ("Avg.Gap", "gap", "{:.3f}"),
+COLUMNS = [  # (header, row key of metrics.evaluate / run_experiment, format)
+    ("RA", "RA", "{:.3f}"), ("FA", "FA", "{:.3f}"), ("TA", "TA", "{:.3f}"),
+    ("MIA (SVC, D_f member)", "MIA", "{:.3f}"), ("LR-MIA acc", "LR_MIA", "{:.3f}"), ("indisc.", "indisc", "{:.3f}"),
+    ("storage MB", "storage_mb", "{:.2f}"), ("seconds", "seconds", "{:.1f}"), ("RTE", "rte", "{:.1f}"),
+    ("Avg.Gap", "avg_gap", "{:.3f}"),
 ]
+
+
+def metric(row: dict, key: str) -> Optional[float]:
+    """Value of column ``key`` in a result row (``avg_gap`` lives in the row's ``gap`` dict); None if absent."""
+    v = row.get("gap", {}).get(key) if key == "avg_gap" else row.get(key)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def storage_cell(row: dict) -> str:
+    v = row.get("storage_bytes")
+    return "" if v is None else f"{v / 1e6:.2f} of {row['dense_bytes'] / 1e6:.2f} dense"
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
     if key == "storage_mb":
-        v = row.get("storage_bytes")
-        return "" if v is None else f"{v / 1e6:.2f} / {row['dense_bytes'] / 1e6:.2f} dense"
-    v = row.get(key)
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    return fmt.format(v)
+        return storage_cell(row)
+    v = metric(row, key)
+    return "" if v is None else fmt.format(v)
 
 
 def table(result: dict) -> str:
@@ -55,7 +63,7 @@ def chart(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     names: List[str] = list(result["rows"])
-    keys = [("RA", "retain_acc"), ("FA", "forget_acc"), ("TA", "test_acc"), ("MIA", "mia_lr_acc")]
+    keys = [("RA", "RA"), ("FA", "FA"), ("TA", "TA"), ("MIA", "MIA")]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(names)), 4.5))
     width = 0.8 / len(keys)
     retrain: Dict[str, float] = result["rows"].get("retrain", {})

@@ -301,7 +301,8 @@ def _finish(name: str, train_x, train_y, test_x, test_y, *, num_classes: int, so
 def _load_digits(root: Optional[PathLike] = None, **kw) -> DataSplits:
     """scikit-learn's digits (``root`` is ignored: the data ship with scikit-learn)."""
     d = load_digits()
-    return _finish("digits", d.train.x, d.train.y, d.test.x, d.test.y, num_classes=d.num_classes,
+    return _finish("digits", d.train.x.numpy(), d.train.y.numpy(), d.test.x.numpy(), d.test.y.numpy(),
+                   num_classes=d.num_classes,
                    source=d.source, **kw)
 
 
