@@ -69,6 +69,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 from .. import ops
 from ..data import loader as make_loader
 from .base import Method, register_method
+from .common import batches, device_of, make_sgd, run_epochs, sample_ids
 from .certified import batch_sampler, lissa_inverse_hvp, mean_loss_grad
 
 Tensor = torch.Tensor
@@ -76,17 +77,7 @@ Tensor = torch.Tensor
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _batches(loader, device):
-    for x, y, ids in loader:
-        yield x.to(device), y.to(device), ids
-
-
-def _sample_ids(loader) -> Tensor:
-    return torch.cat([ids.reshape(-1) for _, _, ids in loader])
+Objective = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
 
 
 def _set_lr(opt, lr: float) -> None:
@@ -94,33 +85,33 @@ def _set_lr(opt, lr: float) -> None:
         group["lr"] = lr
 
 
-def _sgd(params, hp) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+def _sgd(params, hp) -> torch.optim.Optimizer:
+    return make_sgd(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
 
 
-def _fit(model: nn.Module, data, opt, epochs: int, loss_fn: Callable, lr_at: Optional[Callable] = None,
-         labels: Optional[Callable] = None) -> int:
-    """``epochs`` passes of ``opt`` steps on ``loss_fn(model(x), y)``; ``lr_at(epoch)`` sets the LR of each
-    epoch and ``labels(y, ids, num_classes)`` rewrites targets per batch. Returns the number of steps."""
-    device = _device(model)
+def _fit(model: nn.Module, data, opt, epochs: int, objective: Objective,
+         lr_at: Optional[Callable[[int], float]] = None) -> int:
+    """``epochs`` passes of :func:`.common.run_epochs` (train mode, one ``opt`` step per batch on
+    ``objective(model, x, y, ids)``, stopping before a non-finite loss); ``lr_at(epoch)`` sets each epoch's
+    LR. Returns the number of steps."""
     steps = 0
     for epoch in range(int(epochs)):
         if lr_at is not None:
             _set_lr(opt, lr_at(epoch))
-        for x, y, ids in _batches(data, device):
-            out = model(x)
-            if labels is not None:
-                y = labels(y, ids, out.shape[1])
-            loss = loss_fn(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
+        stats = run_epochs(model, data, opt, 1, objective)
+        steps += stats["steps"]
+        if stats["diverged"]:
+            break
     return steps
 
 
-def _ascent(out, y):
-    return -F.cross_entropy(out, y)
+def _cross_entropy(model: nn.Module, x: Tensor, y: Tensor, ids: Tensor) -> Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def _sq_dist(params: Sequence[Tensor], start: Sequence[Tensor]) -> Tensor:
+    """‖θ − θ₀‖² over a list of parameters (differentiable in θ)."""
+    return sum((p - p0).pow(2).sum() for p, p0 in zip(params, start))
 
 
 def _step_decay(base_lr: float, epochs: int, rate: float) -> Callable[[int], float]:
@@ -172,21 +163,23 @@ def _relabel_forget(y: Tensor, ids: Tensor, forget_ids: Tensor, num_classes: int
 def _random_label_epochs(model, forget, retain, opt, epochs: int, seed: int) -> int:
     """SRL's training (also SalUn's second phase): each epoch one shuffled pass over D_r ∪ D_f with the
     forget samples relabelled at random on every visit."""
-    forget_ids = _sample_ids(forget)
+    forget_ids = sample_ids(forget)
     data = make_loader(ConcatDataset([forget.dataset, retain.dataset]), batch_size=retain.batch_size,
                        shuffle=True, seed=seed)
     gen = torch.Generator().manual_seed(int(seed))
-    model.train()
-    return _fit(model, data, opt, epochs, F.cross_entropy,
-                labels=lambda y, ids, k: _relabel_forget(y, ids, forget_ids, k, gen))
+
+    def objective(m, x, y, ids):
+        out = m(x)
+        return F.cross_entropy(out, _relabel_forget(y, ids, forget_ids, out.shape[1], gen))
+    return _fit(model, data, opt, epochs, objective)
 
 
-def _accumulate_grads(model: nn.Module, batches: Sequence) -> None:
+def _accumulate_grads(model: nn.Module, loaders: Sequence) -> None:
     """Sum into ``.grad`` the gradients of ``sign · mean-batch cross-entropy`` for (loader, sign) pairs."""
-    device = _device(model)
+    device = device_of(model)
     model.zero_grad(set_to_none=True)
-    for data, sign in batches:
-        for x, y, _ in _batches(data, device):
+    for data, sign in loaders:
+        for x, y, _ in batches(data, device):
             (sign * F.cross_entropy(model(x), y)).backward()
 
 
@@ -229,6 +222,17 @@ def _conv2d_weights(model: nn.Module) -> List[nn.Parameter]:
     return [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
 
 
+@torch.no_grad()
+def transpose_conv_kernels_(weights: Sequence[Tensor]) -> None:
+    """weight[o, i, h, w] → weight[o, i, w, h] in place for every 4-D conv weight (CT). A non-square kernel
+    changes shape, as in the original."""
+    for w in weights:
+        if w.shape[2] == w.shape[3]:
+            w.copy_(w.transpose(2, 3).clone())
+        else:
+            w.data = w.transpose(2, 3).contiguous()
+
+
 # ------------------------------------------------------------------------------------------ methods
 
 @register_method
@@ -239,8 +243,9 @@ class GradientAscent(Method):
     defaults = {"epochs": 10, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
 
     def _run(self, model, forget, retain, store, hp):
-        model.train()
-        return {"steps": _fit(model, forget, _sgd(model.parameters(), hp), hp["epochs"], _ascent)}
+        opt = make_sgd(model.parameters(), lr=hp["lr"], momentum=hp["momentum"],
+                       weight_decay=hp["weight_decay"], maximize=True)
+        return {"steps": _fit(model, forget, opt, hp["epochs"], _cross_entropy)}
 
 
 @register_method
@@ -257,7 +262,7 @@ class NegGradPlus(Method):
     defaults = {"epochs": 10, "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "alpha": 0.95}
 
     def _run(self, model, forget, retain, store, hp):
-        device = _device(model)
+        device = device_of(model)
         params = [p for p in model.parameters() if p.requires_grad]
         start = [p.detach().clone() for p in params]
         opt = torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"])
@@ -265,11 +270,11 @@ class NegGradPlus(Method):
         model.eval()
         steps = 0
         for _ in range(int(hp["epochs"])):
-            for (xr, yr, _), (xf, yf, _) in zip(_batches(retain, device),
-                                                itertools.cycle(list(_batches(forget, device)))):
+            for (xr, yr, _), (xf, yf, _) in zip(batches(retain, device),
+                                                itertools.cycle(list(batches(forget, device)))):
                 retain_loss = F.cross_entropy(model(xr), yr)
                 if wd:
-                    retain_loss = retain_loss + wd / 2 * sum((p - p0).pow(2).sum() for p, p0 in zip(params, start))
+                    retain_loss = retain_loss + wd / 2 * _sq_dist(params, start)
                 loss = alpha * retain_loss - (1 - alpha) * F.cross_entropy(model(xf), yf)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -379,8 +384,7 @@ class MaskedSmallGradients(Method):
         masks = [by_id.get(id(p), torch.ones_like(p, dtype=torch.bool)) for p in params]
         opt = MaskedSGD(params, masks, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"],
                         off_scale=hp["off_scale"])
-        model.train()
-        steps = _fit(model, retain, opt, hp["epochs"], F.cross_entropy, lr_at=triangular_lr(hp["lr"], hp["epochs"]))
+        steps = _fit(model, retain, opt, hp["epochs"], _cross_entropy, lr_at=triangular_lr(hp["lr"], hp["epochs"]))
         return {"steps": steps, "reinitialised": [int(m.sum()) for m in conv_masks]}
 
 
@@ -397,12 +401,9 @@ class ConvTranspose(Method):
         convs = _conv2d_weights(model)
         if not convs:
             raise ValueError("ct: the model has no nn.Conv2d layer to transpose")
-        with torch.no_grad():
-            for w in convs:
-                w.set_(w.transpose(2, 3).contiguous())  # non-square kernels change shape, as in the original
+        transpose_conv_kernels_(convs)
         epochs = int(hp["epochs"])
-        model.train()
-        steps = _fit(model, retain, _sgd(model.parameters(), hp), epochs, F.cross_entropy,
+        steps = _fit(model, retain, _sgd(model.parameters(), hp), epochs, _cross_entropy,
                      lr_at=lambda e: hp["lr"] * (1 + math.cos(math.pi * e / epochs)) / 2)
         return {"steps": steps, "transposed": len(convs)}
 
@@ -431,26 +432,25 @@ class SCRUB(Method):
         T = hp["temperature"]
         opt = _sgd(model.parameters(), hp)
         lr_at = _step_decay(hp["lr"], hp["epochs"], hp["lr_decay_rate"])
-        device = _device(model)
-        steps = 0
 
         def teacher_out(x):
             with torch.no_grad():
                 return teacher(x)
-        model.train()
+
+        def max_step(m, x, y, ids):  # forget pass: move away from the teacher
+            return -_kl_t(m(x), teacher_out(x), T)
+
+        def min_step(m, x, y, ids):  # retain pass: stay with the teacher and the labels
+            out = m(x)
+            return hp["gamma"] * F.cross_entropy(out, y) + hp["alpha"] * _kl_t(out, teacher_out(x), T)
+
+        steps = {"max": 0, "min": 0}
         for epoch in range(1, int(hp["epochs"]) + 1):
             _set_lr(opt, lr_at(epoch))
-            passes = [(forget, lambda o, x, y: -_kl_t(o, teacher_out(x), T))] if epoch <= hp["max_epochs"] else []
-            passes.append((retain, lambda o, x, y: hp["gamma"] * F.cross_entropy(o, y)
-                           + hp["alpha"] * _kl_t(o, teacher_out(x), T)))
-            for data, loss_fn in passes:
-                for x, y, _ in _batches(data, device):
-                    loss = loss_fn(model(x), x, y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    steps += 1
-        return {"steps": steps}
+            if epoch <= hp["max_epochs"]:
+                steps["max"] += run_epochs(model, forget, opt, 1, max_step)["steps"]
+            steps["min"] += run_epochs(model, retain, opt, 1, min_step)["steps"]
+        return {"steps": steps["max"] + steps["min"], "max_steps": steps["max"], "min_steps": steps["min"]}
 
 
 @register_method
@@ -471,26 +471,19 @@ class BadTeacher(Method):
         incompetent = copy.deepcopy(model)
         _reinit_([incompetent], hp["seed"])
         incompetent.eval()
-        forget_ids = _sample_ids(forget)
+        forget_ids = sample_ids(forget)
         data = make_loader(ConcatDataset([retain.dataset, forget.dataset]), batch_size=retain.batch_size,
                            shuffle=True, seed=hp["seed"])
         opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
         T = hp["temperature"]
-        device = _device(model)
-        model.train()
-        steps = 0
-        for _ in range(int(hp["epochs"])):
-            for x, _, ids in _batches(data, device):
-                is_forget = torch.isin(ids, forget_ids).to(device).unsqueeze(1)
-                with torch.no_grad():
-                    target = torch.where(is_forget, F.softmax(incompetent(x) / T, dim=1),
-                                         F.softmax(competent(x) / T, dim=1))
-                loss = F.kl_div(F.log_softmax(model(x) / T, dim=1), target, reduction="batchmean")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-        return {"steps": steps}
+
+        def objective(m, x, y, ids):
+            is_forget = torch.isin(ids, forget_ids).to(x.device).unsqueeze(1)
+            with torch.no_grad():
+                target = torch.where(is_forget, F.softmax(incompetent(x) / T, dim=1),
+                                     F.softmax(competent(x) / T, dim=1))
+            return F.kl_div(F.log_softmax(m(x) / T, dim=1), target, reduction="batchmean")
+        return {"steps": _fit(model, data, opt, hp["epochs"], objective)}
 
 
 class _LastBlocks(Method):
@@ -523,12 +516,13 @@ class _LastBlocks(Method):
                 p.requires_grad_(True)
             start = [p.detach().clone() for p in params]
             c = hp["l2_to_init"]
-            model.eval()
-            for m in trained:
-                m.train()
-            steps = _fit(model, retain, torch.optim.SGD(params, lr=hp["lr"]), hp["epochs"],
-                         lambda out, y: F.cross_entropy(out, y)
-                         + c / 2 * sum((p - p0).pow(2).sum() for p, p0 in zip(params, start)),
+
+            def objective(m, x, y, ids):
+                m.eval()  # run_epochs puts the whole model in train mode: frozen blocks back to eval
+                for block in trained:
+                    block.train()
+                return F.cross_entropy(m(x), y) + c / 2 * _sq_dist(params, start)
+            steps = _fit(model, retain, torch.optim.SGD(params, lr=hp["lr"]), hp["epochs"], objective,
                          lr_at=_step_decay(hp["lr"], hp["epochs"], hp["lr_decay_rate"]))
         finally:
             for p, flag in flags:
@@ -566,11 +560,11 @@ class FisherForgetting(Method):
 
     def _run(self, model, forget, retain, store, hp):
         params = [p for p in model.parameters() if p.requires_grad]
-        device = _device(model)
+        device = device_of(model)
         fisher = [torch.zeros_like(p) for p in params]
         model.eval()
         n_batches, num_classes = 0, None
-        for x, _, _ in _batches(retain, device):
+        for x, _, _ in batches(retain, device):
             out = model(x)
             num_classes = out.shape[1]
             prob = F.softmax(out, dim=1).detach().mean(0)

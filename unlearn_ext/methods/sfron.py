@@ -20,24 +20,25 @@ momentum 0.9, weight decay 5e-4. Their EMA (β = 1.0) is the identity and is lef
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import Method, register_method
-from .deep_unlearn import MaskedSGD, _batches, _device, _grads
+from .common import batches, cycle, device_of
+from .deep_unlearn import MaskedSGD
 
 Tensor = torch.Tensor
 
 
 def fisher_diagonal(model: nn.Module, data, params) -> List[Tensor]:
     """Mean over ``data``'s batches of the squared gradient of the batch-mean cross-entropy."""
-    device = _device(model)
+    device = device_of(model)
     fisher = [torch.zeros_like(p) for p in params]
     n = 0
-    for x, y, _ in _batches(data, device):
+    for x, y, _ in batches(data, device):
         grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
         for f, g in zip(fisher, grads):
             f.addcmul_(g, g)
@@ -54,9 +55,27 @@ def fisher_ratio_mask(model: nn.Module, forget, retain, gamma: float) -> List[Te
     return [(ff + 1e-15) / (fr + 1e-15) >= gamma for ff, fr in zip(f_forget, f_retain)]
 
 
-def _forever(loader):
-    while True:
-        yield from loader
+def weighted_forget_loss(losses: Tensor, lam: float) -> Tensor:
+    """−Σᵢ wᵢℓᵢ with wᵢ = ℓᵢ^(−λ) / Σⱼ ℓⱼ^(−λ), the weights detached (low-loss samples weigh most)."""
+    coef = 1.0 / (losses.detach().pow(lam) + 1e-15)
+    return -(coef / coef.sum() * losses).sum()
+
+
+def masked_forget_step(model: nn.Module, opt: MaskedSGD, x: Tensor, y: Tensor, masks: Sequence[Tensor],
+                       alpha: float, lam: float, max_norm: float) -> float:
+    """One SFR-on forget step: gradient of α·(weighted forget loss), times the mask, clipped to total norm
+    ``max_norm``, applied through ``opt`` with ``masks`` (unmasked weights and momentum bitwise unchanged).
+    Returns the weighted forget loss (before the step)."""
+    loss = weighted_forget_loss(F.cross_entropy(model(x), y, reduction="none"), lam)
+    opt.zero_grad()
+    (alpha * loss).backward()
+    with torch.no_grad():
+        for p, m in zip(opt.params, masks):
+            if p.grad is not None:
+                p.grad.mul_(m)
+        torch.nn.utils.clip_grad_norm_(opt.params, max_norm)
+    opt.step(masks)
+    return float(loss.detach())
 
 
 @register_method
@@ -74,26 +93,18 @@ class SFRon(Method):
         masks = fisher_ratio_mask(model, forget, retain, hp["gamma"])
         everything = [torch.ones_like(p, dtype=torch.bool) for p in params]
         opt = MaskedSGD(params, masks, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
-        total, k, lam = int(hp["steps"]), int(hp["forget_every"]), hp["lam"]
+        total, k = int(hp["steps"]), int(hp["forget_every"])
         cosine = lambda base, t: base * (1 + math.cos(math.pi * t / total)) / 2  # noqa: E731
-        device = _device(model)
-        forget_batches, retain_batches = _batches(_forever(forget), device), _batches(_forever(retain), device)
+        device = device_of(model)
+        forget_batches, retain_batches = batches(cycle(forget), device), batches(cycle(retain), device)
         model.train()
         forget_steps = 0
         for t in range(total):
             opt.param_groups[0]["lr"] = cosine(hp["lr"], t)
             if t % k == 0:
                 x, y, _ = next(forget_batches)
-                losses = F.cross_entropy(model(x), y, reduction="none")
-                coef = 1.0 / (losses.detach().pow(lam) + 1e-15)
-                loss = -cosine(hp["forget_alpha"], t) * (coef / coef.sum() * losses).sum()
-                opt.zero_grad()
-                loss.backward()
-                with torch.no_grad():
-                    grads = _grads(params)
-                    torch._foreach_mul_(grads, masks)
-                    torch.nn.utils.clip_grad_norm_(params, hp["max_norm"])
-                opt.step(masks)
+                masked_forget_step(model, opt, x, y, masks, cosine(hp["forget_alpha"], t), hp["lam"],
+                                   hp["max_norm"])
                 forget_steps += 1
             x, y, _ = next(retain_batches)
             opt.zero_grad()
