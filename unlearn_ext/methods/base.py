@@ -40,8 +40,16 @@ class Method:
         base.update(extra)
         return base
 
+    @classmethod
+    def unsupported(cls, model: nn.Module) -> Optional[str]:
+        """Why this method cannot run on ``model`` (e.g. it acts on conv layers and there are none), or None."""
+        return None
+
     def unlearn(self, model: nn.Module, forget, retain=None, store=None, **hparams) -> UnlearnResult:
         hp = self._merge(dict(self.hparams), hparams)
+        reason = self.unsupported(model)
+        if reason:
+            raise ValueError(f"{self.name}: {reason}")
         if forget is None:
             raise ValueError(f"{self.name}: forget must be a loader of (x, y, sample_id) batches")
         if self.needs_retain and retain is None:
