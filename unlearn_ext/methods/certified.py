@@ -142,7 +142,9 @@ def lissa_inverse_hvp(model: nn.Module, params: Sequence[Tensor], v: Sequence[Te
     total = [torch.zeros_like(t) for t in v]
     for _ in range(int(repeats)):
         h = [t.clone() for t in v]
-        for _ in range(int(depth)):
+        for j in range(int(depth)):
+            if j % 64 == 63:  # a diverging recursion overflows within tens of steps: stop it early
+                _check_finite(h, scale)
             x, y = sample_batch()
             grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
             hv = torch.autograd.grad(grads, params, grad_outputs=h)
@@ -153,10 +155,14 @@ def lissa_inverse_hvp(model: nn.Module, params: Sequence[Tensor], v: Sequence[Te
                 torch._foreach_add_(h, hv, alpha=-1.0 / scale)
         torch._foreach_add_(total, h)
     est = [t / (scale * repeats) for t in total]
-    if not all(bool(torch.isfinite(t).all()) for t in est):
+    _check_finite(est, scale)
+    return est
+
+
+def _check_finite(ts: Sequence[Tensor], scale: float) -> None:
+    if not all(bool(torch.isfinite(t).all()) for t in ts):
         raise FloatingPointError(f"LiSSA diverged: scale={scale} is below the largest Hessian eigenvalue; "
                                  "raise scale")
-    return est
 
 
 @register_method
