@@ -67,7 +67,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t s = segment_of(off, nseg, j);
     const int32_t i = idx[j];
     if (i < 0 || i >= layers[s % L].numel) atomicMin(&report[3], static_cast<long long>(s));
-    if (j > off[s] && i <= idx[j - 1]) atomicMin(&report[4], static_cast<long long>(s));
+    // j > 0 as well: with invalid (negative) offsets off[s] may be < 0, and idx[-1] must not be read.
+    if (j > 0 && j > off[s] && i <= idx[j - 1]) atomicMin(&report[4], static_cast<long long>(s));
   }
 }
 
