@@ -11,7 +11,9 @@ call (the store splits it only past its memory bound). Only parameters are recor
 running statistics are left as trained.
 
 * ``amnesiac`` (naive): dense updates, followed by a brief fine-tune on D_r (``finetune=True``, default;
-  ``epochs`` 1 of the training recipe at ``lr``) — the paper reports it both ways.
+  ``epochs`` 1 of the training recipe at ``lr``) — the paper reports it both ways. When no stored step
+  holds a forget sample (B_f = ∅) nothing is removed and the fine-tune is skipped too: the model is
+  returned unchanged.
 * ``partial_amnesiac``: pruned updates and **no fine-tune** (the paper's headline claim;
   ``finetune=False`` by default, available as an option for comparison).
 
@@ -51,8 +53,8 @@ class NaiveAmnesiac(Method):
                  "entries_applied": applied["entries"], "apply_calls": applied["calls"],
                  "bytes_read": applied["entries"] * (value_bytes + 4) + 8 * (len(steps) * num_layers + 1),
                  "bytes_stored": store.nbytes(), "dense_equivalent_bytes": store.dense_equivalent_nbytes(),
-                 "store_keep_ratio": manifest.keep_ratio, "finetuned": bool(hp["finetune"])}
-        if hp["finetune"]:
+                 "store_keep_ratio": manifest.keep_ratio, "finetuned": bool(hp["finetune"] and steps)}
+        if hp["finetune"] and steps:
             stats.update(finetune(model, retain, hp["train_config"], hp["epochs"], hp["lr"]))
         return stats
 

@@ -106,13 +106,14 @@ def stop_rule(model: nn.Module, forget, target: Union[None, float, str], test_lo
 
 def run_epochs(model: nn.Module, loader, opt: torch.optim.Optimizer, epochs: int,
                objective: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor],
-               stop: Optional[ForgetAccuracyStop] = None) -> dict:
+               stop: Optional[ForgetAccuracyStop] = None, *, stop_every_step: bool = False) -> dict:
     """Up to ``epochs`` passes over ``loader``, one ``opt`` step per batch on ``objective(model, x, y, ids)``
     (a scalar the optimizer minimises, or maximises when built with ``maximize=True``), model in train
-    mode. With ``stop``, the rule is checked before every epoch and once at the end, so a model already at
-    the target is left untouched. A non-finite objective (gradient ascent run too far) ends the run before
-    that step, with ``diverged=True``. Returns ``{"epochs" (completed), "steps", "stopped_early",
-    "diverged"[, "forget_acc", "target_forget_acc"]}``."""
+    mode. With ``stop``, the rule is checked before every epoch (``stop_every_step=True``: before every
+    step — finer, at the cost of one evaluation pass over the forget set per step) and once at the end, so
+    a model already at the target is left untouched. A non-finite objective (gradient ascent run too far)
+    ends the run before that step, with ``diverged=True``. Returns ``{"epochs" (completed), "steps",
+    "stopped_early", "diverged"[, "forget_acc", "target_forget_acc"]}``."""
     device = device_of(model)
     model.train()
     steps = done = 0
@@ -121,7 +122,10 @@ def run_epochs(model: nn.Module, loader, opt: torch.optim.Optimizer, epochs: int
         if stop is not None and stop.reached(model):
             stopped = True
             break
-        for x, y, ids in batches(loader, device):
+        for i, (x, y, ids) in enumerate(batches(loader, device)):
+            if stop_every_step and stop is not None and i > 0 and stop.reached(model):
+                stopped = True  # (i == 0 was checked just above, before the epoch)
+                break
             loss = objective(model, x, y, ids)
             if not torch.isfinite(loss):  # ascent can blow up: stop before a step writes Inf/NaN
                 diverged = stopped = True
@@ -130,12 +134,12 @@ def run_epochs(model: nn.Module, loader, opt: torch.optim.Optimizer, epochs: int
             loss.backward()
             opt.step()
             steps += 1
-        if diverged:
+        if stopped:
             break
         done += 1
     stats = {"epochs": done, "steps": steps, "stopped_early": stopped, "diverged": diverged}
     if stop is not None:
-        if not stopped:
+        if not stopped or diverged:
             stop.reached(model)
         stats.update(forget_acc=stop.last, target_forget_acc=stop.target)
     return stats

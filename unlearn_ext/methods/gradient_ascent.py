@@ -64,12 +64,14 @@ class Optimization(Method):
     "ng_plus" | "kl_uniform" | callable, see the module docstring); ``beta`` (0) and ``alpha`` (0.95)
     weights of the retain loss; ``stop_forget_acc`` — None (run E epochs), a number, or
     ``"original_test"`` (the original model's accuracy on ``test_loader``) — stop once forget accuracy is
-    at most it. ``retain`` is needed when the objective uses it (ng_plus, or β ≠ 0).
+    at most it, checked before each epoch or, with ``stop_every_step=True``, before each step. ``retain``
+    is needed when the objective uses it (ng_plus, or β ≠ 0).
     """
 
     name = "optimization"
     defaults = {"epochs": 5, "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "objective": "ga", "beta": 0.0,
-                "alpha": 0.95, "stop_forget_acc": None, "test_loader": None}
+                "alpha": 0.95, "stop_forget_acc": None, "stop_every_step": False,
+                "test_loader": None}
 
     def _optimizer(self, model, hp):
         return make_sgd(model.parameters(), hp["lr"], hp["momentum"], hp["weight_decay"], maximize=True)
@@ -96,7 +98,8 @@ class Optimization(Method):
                 out_r = model(x_r)
             return fn(model(x), y, out_r, y_r, hp)
 
-        return run_epochs(model, forget, self._optimizer(model, hp), hp["epochs"], step_objective, stop)
+        return run_epochs(model, forget, self._optimizer(model, hp), hp["epochs"], step_objective, stop,
+                          stop_every_step=hp["stop_every_step"])
 
 
 @register_method

@@ -12,7 +12,8 @@ model's learning rate for E epochs, or until forget accuracy has fallen to a tar
   partial-update rules of that literature (see :mod:`unlearn_ext.optim`).
 
 Choices where the paper leaves room: plain SGD (momentum 0, no weight decay; both are options), the
-model in train mode, the stopping rule checked before every epoch (see :func:`.common.run_epochs`).
+model in train mode, the stopping rule checked before every epoch, or before every step with
+``stop_every_step=True`` (see :func:`.common.run_epochs`).
 The fixed wrong label of sample ``i`` is ``(y_i + o_i) mod K`` with ``o_i`` uniform in {1 … K−1}, so it is
 never the true label and is uniform over the others.
 """
@@ -57,12 +58,14 @@ class LabelFlip(Method):
     rate; the experiment runner passes each model's); ``momentum`` (0) and ``weight_decay`` (0) of the SGD;
     ``seed`` of the label draw (0; K is the model's output width);
     ``stop_forget_acc`` — None (run E epochs), a number, or ``"original_test"`` (the original model's
-    accuracy on ``test_loader``) — stop once forget accuracy is at most it.
+    accuracy on ``test_loader``) — stop once forget accuracy is at most it; ``stop_every_step`` (False: the
+    rule is checked before each epoch; True: before each step, one evaluation pass over D_f per step).
     """
 
     name = "label_flip"
     defaults = {"epochs": 5, "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "seed": 0,
-                "stop_forget_acc": None, "test_loader": None}
+                "stop_forget_acc": None, "stop_every_step": False,
+                "test_loader": None}
 
     def _optimizer(self, model, hp):
         return make_sgd(model.parameters(), hp["lr"], hp["momentum"], hp["weight_decay"])
@@ -75,7 +78,8 @@ class LabelFlip(Method):
             out = model(x)
             return F.cross_entropy(out, flipped(y, ids, out.shape[1]))  # K = the model's output width
 
-        return run_epochs(model, forget, self._optimizer(model, hp), hp["epochs"], objective, stop)
+        return run_epochs(model, forget, self._optimizer(model, hp), hp["epochs"], objective, stop,
+                          stop_every_step=hp["stop_every_step"])
 
 
 @register_method
