@@ -2,8 +2,9 @@
 ids, store it compactly (memory or a crash-safe file), and subtract chosen steps' updates later."""
 from .encoding import BITMASK, EMPTY, FULL, INDEX, KIND_NAMES
 from .recorder import UpdateRecorder
-from .store import (DiskStore, DroppedTail, Manifest, MemoryStore, StoredUpdate, UpdateStore, model_fingerprint,
-                    unwrap_model)
+from .store import (DiskStore, DroppedRecords, DroppedRegion, DroppedTail, Manifest, MemoryStore, StoredUpdate,
+                    UpdateStore, model_fingerprint, unwrap_model)
 
-__all__ = ["UpdateRecorder", "UpdateStore", "MemoryStore", "DiskStore", "Manifest", "StoredUpdate", "DroppedTail",
-           "model_fingerprint", "unwrap_model", "EMPTY", "INDEX", "BITMASK", "FULL", "KIND_NAMES"]
+__all__ = ["UpdateRecorder", "UpdateStore", "MemoryStore", "DiskStore", "Manifest", "StoredUpdate",
+           "DroppedRecords", "DroppedRegion", "DroppedTail", "model_fingerprint", "unwrap_model",
+           "EMPTY", "INDEX", "BITMASK", "FULL", "KIND_NAMES"]

@@ -17,11 +17,17 @@ DiskStore file format (little-endian)::
                | i32 index[...] | values[...] (value dtype) | u8 mask[...]
 
 The file with its manifest is created atomically (written aside, fsynced, renamed), so a store is either
-absent or has a whole manifest. Records are written in order by one background thread, so the file is
-always a prefix of the appended records plus at most one torn record (a kill stops a write part-way, it
-never reorders it). On open, a tail record that is cut short or fails its checksum is dropped and
-reported in :attr:`DiskStore.dropped`; a damaged record *followed by* intact ones is corruption, not a
-torn write, and raises ``ValueError`` (dropping it silently would leave its update un-removable).
+absent or has a whole manifest. Records are written in order by one background thread, so after a kill the
+file is a prefix of the appended records plus at most one torn record (a kill stops a write part-way, it
+never reorders it). Every record carries two checksums (of its 16 header bytes and of its body).
+
+On open every record is verified. A record that fails (a torn tail, a flipped byte, a zeroed block) is
+dropped and every intact record around it is kept: a damaged header is skipped by searching for the next
+record whose header and body checksums both hold. What was dropped is reported in
+:attr:`DiskStore.dropped` (a :class:`DroppedRecords`: byte ranges, reasons and the intact steps on either
+side) and, for damage other than a torn tail, by a ``RuntimeWarning`` — the update of a dropped record
+can no longer be removed, so the caller must know. ``DiskStore(path, strict=True)`` raises ``ValueError``
+instead of dropping anything but a torn tail.
 """
 from __future__ import annotations
 
@@ -29,13 +35,17 @@ import atexit
 import fcntl
 import hashlib
 import json
+import mmap
+import operator
 import os
 import queue
 import struct
+import sys
 import threading
+import warnings
 import weakref
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -145,14 +155,65 @@ class StoredUpdate(NamedTuple):
     offsets: Tensor
 
 
-@dataclass
-class DroppedTail:
-    """What opening a DiskStore dropped: ``count`` torn/corrupt tail records (0 or 1) found at byte
-    ``offset``, ``nbytes`` bytes in all."""
+@dataclass(frozen=True)
+class DroppedRegion:
+    """A byte range of a store file that opening it dropped: ``reason`` says why (``"torn tail"``,
+    ``"checksum mismatch"``, ``"damaged record header"``, ``"malformed record"``, ...). The region
+    held at least one record; its steps lie strictly between ``after_step`` and ``before_step``, the
+    intact steps around it (None: no intact record on that side). ``tail``: it reaches the end of
+    the file (what a kill during a write leaves)."""
 
-    count: int = 0
-    offset: Optional[int] = None
-    nbytes: int = 0
+    offset: int
+    nbytes: int
+    reason: str
+    after_step: Optional[int]
+    before_step: Optional[int]
+    tail: bool
+
+    def __str__(self) -> str:
+        where = (f"after step {self.after_step}" if self.after_step is not None else "before any intact record")
+        if self.before_step is not None:
+            where += f" and before step {self.before_step}"
+        return f"{self.nbytes} bytes at offset {self.offset} ({self.reason}, {where})"
+
+
+@dataclass
+class DroppedRecords:
+    """What opening a DiskStore dropped: one :class:`DroppedRegion` per damaged byte range, in file
+    order. ``count`` regions, ``nbytes`` bytes in all, ``offset`` of the first (None when nothing was
+    dropped); ``torn_tail`` when the last region reaches the end of the file; ``damaged`` the regions
+    that are not a torn tail (their records' updates are lost although later records survived)."""
+
+    regions: List[DroppedRegion] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.regions)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.regions)
+
+    @property
+    def offset(self) -> Optional[int]:
+        return self.regions[0].offset if self.regions else None
+
+    @property
+    def torn_tail(self) -> bool:
+        return bool(self.regions) and self.regions[-1].tail
+
+    @property
+    def damaged(self) -> List[DroppedRegion]:
+        return [r for r in self.regions if not (r.tail and r.reason == "torn tail")]
+
+    def __bool__(self) -> bool:
+        return bool(self.regions)
+
+    def __str__(self) -> str:
+        return "; ".join(map(str, self.regions)) if self.regions else "nothing dropped"
+
+
+DroppedTail = DroppedRecords  # the earlier name
 
 
 @dataclass
@@ -167,8 +228,106 @@ def _record_overhead(n_ids: int, n_layers: int) -> int:
     return _REC_HEADER.size + _BODY_FIXED.size + _pad8(n_layers) + 8 * n_layers + 8 * n_ids
 
 
-def as_id_tensor(sample_ids) -> Tensor:
-    return torch.as_tensor(sample_ids).detach().to("cpu", torch.int64).reshape(-1)
+def as_id_tensor(sample_ids, what: str = "sample_ids") -> Tensor:
+    """``sample_ids`` (a tensor, array, sequence or int of integer ids) as a flat int64 CPU tensor.
+    Floating, boolean or complex ids raise ``ValueError`` (a float id would be truncated silently)."""
+    if isinstance(sample_ids, Tensor):
+        t = sample_ids.detach()
+    else:
+        try:
+            t = torch.as_tensor(sample_ids)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{what} must be integer sample ids, got {type(sample_ids).__name__} ({e})") from None
+        if t.numel() == 0:
+            t = t.to(torch.int64)
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"{what} must have an integer dtype, got {t.dtype}")
+    return t.to("cpu", torch.int64).reshape(-1)
+
+
+def _as_step(step) -> int:
+    if isinstance(step, bool) or (isinstance(step, Tensor) and (step.numel() != 1 or step.is_floating_point())):
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    try:
+        step = operator.index(step.item() if isinstance(step, Tensor) else step)
+    except TypeError:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}") from None
+    if step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step}")
+    return step
+
+
+def check_update(numels: Sequence[int], values: Tensor, indices: Optional[Tensor],
+                 offsets: Tensor) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """Validate an update of ``len(numels)`` layers in the format of :func:`unlearn_ext.ops.layerwise_topk`
+    (or ``indices=None``: dense) and return it with int32 indices and int64 offsets; ``ValueError``
+    naming the first problem otherwise."""
+    L = len(numels)
+    for name, t in (("values", values), ("offsets", offsets)) + ((("indices", indices),) if indices is not None
+                                                                  else ()):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+        if t.device != values.device:
+            raise ValueError(f"{name} is on {t.device} but values is on {values.device}")
+    if not values.is_floating_point():
+        raise ValueError(f"values must be floating point, got {values.dtype}")
+    if offsets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"offsets must be int64, got {offsets.dtype}")
+    if offsets.numel() != L + 1:
+        raise ValueError(f"offsets has {offsets.numel()} entries; the manifest has {L} layers (expected {L + 1})")
+    offsets = offsets.to(torch.int64)
+    counts = offsets.diff()
+    off = offsets.tolist()
+    if off[0] != 0 or off[-1] != values.numel() or bool((counts < 0).any()):
+        raise ValueError(f"offsets must rise from 0 to the number of values ({values.numel()}), got "
+                         f"{off[0]}..{off[-1]}{' (decreasing somewhere)' if bool((counts < 0).any()) else ''}")
+    numels_t = torch.tensor(list(numels), dtype=torch.int64, device=values.device)
+    if bool((counts > numels_t).any()):
+        l = int((counts > numels_t).nonzero()[0])
+        raise ValueError(f"layer {l} has {int(counts[l])} entries but only {numels[l]} elements")
+    if indices is None:
+        if not torch.equal(counts, numels_t):
+            raise ValueError("a dense update (indices=None) must hold every element of every layer: "
+                             f"offsets {off} do not match the layer sizes {list(numels)}")
+    else:
+        if indices.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"indices must be int32, got {indices.dtype}")
+        if indices.numel() != values.numel():
+            raise ValueError(f"values has {values.numel()} entries but indices has {indices.numel()}")
+        if indices.numel():
+            seg = torch.repeat_interleave(torch.arange(L, device=values.device), counts,
+                                          output_size=indices.numel())
+            idx = indices.to(torch.int64)
+            if bool(((idx < 0) | (idx >= numels_t[seg])).any()):
+                raise ValueError("indices out of range of their layer")
+            if bool(((idx[1:] <= idx[:-1]) & (seg[1:] == seg[:-1])).any()):
+                raise ValueError("indices must be strictly ascending within each layer")
+        indices = indices.to(torch.int32)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("values hold NaN or infinity: such an update cannot be removed later")
+    return values, indices, offsets
+
+
+def _describe_difference(m: Manifest, layers: Sequence[Tuple[str, Tuple[int, ...], str]]) -> str:
+    """``" (first difference: ...)"`` between a manifest's layers and another model's ``(name, shape,
+    dtype)`` list (all its parameters, or a manifest's trainable ones)."""
+    theirs = {n: (tuple(s), d) for n, s, d in layers}
+    for name, shape, dtype in zip(m.names, m.shapes, m.dtypes):
+        if name not in theirs:
+            return f" (first difference: the store's layer {name!r} is not a parameter of this model)"
+        if theirs[name] != (tuple(shape), dtype):
+            s, d = theirs[name]
+            return f" (first difference: layer {name!r} is {tuple(shape)} {dtype} in the store, {s} {d} in this model)"
+    extra = [n for n, _, _ in layers if n not in set(m.names)]
+    if extra:
+        return f" (first difference: this model has the parameter {extra[0]!r}, which the store does not record)"
+    return " (a frozen parameter differs)"
+
+
+def _model_layers(model: nn.Module) -> List[Tuple[str, Tuple[int, ...], str]]:
+    return [(n, tuple(p.shape), _dtype_name(p.dtype)) for n, p in unwrap_model(model).named_parameters()]
 
 
 class UpdateStore:
@@ -210,25 +369,29 @@ class UpdateStore:
             self._create(manifest)
             self.manifest = manifest
             return
-        self._check_fingerprint(manifest.fingerprint)
-        for field in ("names", "keep_ratio", "value_dtype"):
-            mine, theirs = getattr(self.manifest, field), getattr(manifest, field)
+        if manifest.fingerprint != self.manifest.fingerprint:
+            self._fingerprint_error(manifest.fingerprint, _describe_difference(
+                self.manifest, list(zip(manifest.names, manifest.shapes, manifest.dtypes))))
+        for attr in ("names", "keep_ratio", "value_dtype"):
+            mine, theirs = getattr(self.manifest, attr), getattr(manifest, attr)
             if mine != theirs:
-                raise ValueError(f"{self!r} was recorded with {field}={mine!r}; the recorder uses {theirs!r}")
+                raise ValueError(f"{self!r} was recorded with {attr}={mine!r}; the recorder uses {theirs!r}")
 
     def append(self, step: int, sample_ids, values: Tensor, indices: Optional[Tensor], offsets: Tensor) -> None:
         """Append the update of optimizer step ``step`` (greater than every stored step) made by the
         samples ``sample_ids``: segments as :func:`unlearn_ext.ops.layerwise_topk` returns them (L+1
-        offsets), or ``indices=None`` for a dense update holding every entry of every layer."""
+        offsets), or ``indices=None`` for a dense update holding every entry of every layer.
+        Everything is checked before anything is stored: a refused call (``ValueError``) writes nothing."""
         m = self._manifest()
-        step = int(step)
+        step = _as_step(step)
         if self._recs and step <= self._recs[-1].step:
             raise ValueError(f"steps must increase: got {step} after {self._recs[-1].step}")
-        if offsets.numel() != len(m.names) + 1:
-            raise ValueError(f"offsets has {offsets.numel()} entries; the manifest has {len(m.names)} layers "
-                             f"(expected {len(m.names) + 1})")
         ids = as_id_tensor(sample_ids)
+        values, indices, offsets = check_update(m.numels, values, indices, offsets)
         enc = encoding.encode(values, indices, offsets, m.numels, m.torch_value_dtype).to("cpu")
+        if m.torch_value_dtype != values.dtype and not bool(torch.isfinite(enc.values).all()):
+            raise ValueError(f"the update overflows the store's value dtype {m.value_dtype} "
+                             f"(largest |value| {float(values.abs().max()):.4g})")
         kinds, counts = enc.kinds.tolist(), enc.counts.tolist()
         sizes = encoding.nbytes_by_kind(kinds, counts, m.numels, enc.values.element_size())
         sizes["metadata"] = _record_overhead(ids.numel(), len(kinds))
@@ -337,16 +500,19 @@ class UpdateStore:
         return len(self._recs) * self.manifest.dense_nbytes() if self.manifest is not None else 0
 
     def check_model(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` (naming both fingerprints) unless ``model`` is the model recorded here."""
-        self._check_fingerprint(model_fingerprint(model))
+        """Raise ``ValueError`` — naming this store, both fingerprints and the first layer that differs —
+        unless ``model`` is the model recorded here (same parameter names, shapes and dtypes)."""
+        fingerprint = model_fingerprint(model)
+        if fingerprint != self._manifest().fingerprint:
+            self._fingerprint_error(fingerprint, _describe_difference(self.manifest, _model_layers(model)))
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _check_fingerprint(self, fingerprint: str) -> None:
-        m = self._manifest()
-        if fingerprint != m.fingerprint:
-            raise ValueError(f"{self!r} was recorded for a model with fingerprint {m.fingerprint} "
-                             f"({len(m.names)} trainable layers, first {m.names[0]!r}), but this model's "
-                             f"fingerprint is {fingerprint}: its parameter names, shapes or dtypes differ")
+    def _fingerprint_error(self, fingerprint: str, difference: str) -> None:
+        m = self.manifest
+        raise ValueError(f"{self!r} holds the updates of another model: it was recorded for a model with "
+                         f"fingerprint {m.fingerprint} ({len(m.names)} trainable layers, first {m.names[0]!r}), "
+                         f"but this model's fingerprint is {fingerprint}: its parameter names, shapes or "
+                         f"dtypes differ{difference}")
 
     def _manifest(self) -> Manifest:
         if self.manifest is None:
@@ -407,34 +573,45 @@ def _close_at_exit(ref) -> None:
     if store is not None:
         try:
             store.close()
-        except OSError:
-            pass  # already reported to the caller of append/flush; nothing more to do at exit
+        except OSError as e:
+            # Raised by close() itself only when no earlier call reported it (see _raise_if_failed).
+            print(f"unlearn_ext: {e}", file=sys.stderr)
 
 
 class DiskStore(UpdateStore):
     """Records appended to the file ``path`` by a background thread (SPEC §2).
 
-    ``append`` encodes on the caller's thread and queues the record; one writer thread serialises,
-    checksums and writes it, so training does not wait on I/O. The queue holds at most ``max_pending``
-    records: a full queue blocks ``append`` (back-pressure, not unbounded memory). ``flush()`` returns
-    once every queued record is written to the OS, ``close()`` (or leaving the ``with`` block) also
-    fsyncs. A record still queued when the process dies is lost with any later one; one being written
-    is torn and dropped on the next open; every record written before it stays readable.
+    ``append`` checks and encodes on the caller's thread and queues the record; one writer thread
+    serialises, checksums and writes it, so training does not wait on I/O. The queue holds at most
+    ``max_pending`` records: a full queue blocks ``append`` (back-pressure, not unbounded memory).
+    ``flush()`` returns once every queued record is written to the OS, ``flush(durable=True)`` and
+    ``close()`` (or leaving the ``with`` block) also fsync.
 
-    Opening an existing file reads the manifest and verifies every record's checksum; pass ``model=`` to
-    check the fingerprint at once. A write error (a full disk: ``ENOSPC``) stops the writer: ``append``,
-    ``flush`` and ``close`` raise ``OSError`` with the errno, the records written before it stay
-    readable, and the failed record and those after it are not in the store. One process may write a
-    store at a time (an exclusive ``flock``); readers may open it meanwhile.
+    Crash safety: a process killed at any moment leaves every record whose write had finished readable;
+    the one being written is torn and dropped (and cut off) on the next open. Records still *queued*
+    — appended but not yet written, at most ``max_pending`` — die with the process; call ``flush()`` where
+    a step must be on disk before going on. (Written means handed to the OS: a killed process loses
+    nothing the kernel holds; surviving a power cut needs ``flush(durable=True)``.)
+
+    Opening an existing file reads the manifest and verifies every record's checksums; damaged records
+    are dropped and reported (:attr:`dropped`, see the module docstring), ``strict=True`` raises on
+    damage that is not a torn tail. Pass ``model=`` to check the fingerprint at once. A write error (a
+    full disk: ``ENOSPC``, a file-size limit: ``EFBIG``) stops the writer: the next ``append``, ``flush``
+    or ``close`` raises ``OSError`` with the errno, naming the step that failed; the records written before
+    it stay readable, and the failed record and those after it are not in the store (``len(store)``
+    shrinks to what is on disk). An error nobody was told of by exit is printed to stderr then. One
+    process may write a store at a time (an exclusive ``flock``); readers may open it meanwhile.
     """
 
-    def __init__(self, path, model: Optional[nn.Module] = None, *, max_pending: int = 16) -> None:
+    def __init__(self, path, model: Optional[nn.Module] = None, *, max_pending: int = 16,
+                 strict: bool = False) -> None:
         super().__init__()
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.path = os.fspath(path)
         self.max_pending = int(max_pending)
-        self.dropped = DroppedTail()
+        self.strict = bool(strict)
+        self.dropped = DroppedRecords()
         self._where: List[Tuple[int, int]] = []  # (file offset, size) of each written record
         self._end = 0  # end of the last intact record
         self._seen_size = 0
@@ -442,6 +619,7 @@ class DiskStore(UpdateStore):
         self._thread: Optional[threading.Thread] = None
         self._queue: Optional[queue.Queue] = None
         self._error: Optional[Tuple[int, OSError]] = None
+        self._error_reported = False
         self._closed = False
         if os.path.exists(self.path):
             self._load()
@@ -465,65 +643,115 @@ class DiskStore(UpdateStore):
                 raise ValueError(f"{self.path} has store format version {version}; this code reads {_VERSION}")
             raw = f.read(mlen)
             if len(raw) != mlen or zlib.crc32(raw) != mcrc:
-                raise ValueError(f"{self.path}: the manifest is damaged (checksum mismatch)")
+                raise ValueError(f"{self.path}: the manifest is damaged (checksum mismatch); no record can "
+                                 "be interpreted without it")
             self.manifest = Manifest.from_json(raw)
-            offset = _FILE_HEADER.size + mlen
-            while offset < size:
-                got = self._scan_record(f, offset, size)
-                if got is None:
-                    self.dropped = DroppedTail(1, offset, size - offset)
-                    break
-                offset += got
-            self._end, self._seen_size = offset, size
+            start = _FILE_HEADER.size + mlen
+            self._end = self._seen_size = start
+            if size > start:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                try:
+                    self._scan(mm, start, size)
+                finally:
+                    mm.close()
+            self._seen_size = size
+        damaged = self.dropped.damaged
+        if damaged:
+            if self.strict:
+                raise ValueError(f"{self.path} is damaged: {'; '.join(map(str, damaged))}")
+            warnings.warn(f"{self.path}: dropped {len(damaged)} damaged region(s) and kept the "
+                          f"{len(self._recs)} intact records: {'; '.join(map(str, damaged))}. The updates of "
+                          "the dropped records are lost and can no longer be removed.", RuntimeWarning,
+                          stacklevel=3)
 
-    def _scan_record(self, f, offset: int, size: int) -> Optional[int]:
-        """Index the record at ``offset`` and return its size, or None for a torn/corrupt tail record."""
-        f.seek(offset)
-        head = f.read(_REC_HEADER.size)
-        if len(head) < _REC_HEADER.size:
-            return None
-        magic, body_len, body_crc, head_crc = _REC_HEADER.unpack(head)
-        if magic != _REC_MAGIC or zlib.crc32(head[:16]) != head_crc:
-            if self._intact_header_after(f, offset + 1):
-                raise ValueError(f"{self.path}: the record header at byte {offset} is damaged and intact "
-                                 "records follow it (corruption, not a torn write)")
-            return None
+    def _scan(self, mm: mmap.mmap, start: int, size: int) -> None:
+        """Index every intact record of ``mm[start:size]``; record the damaged ranges in between."""
+        bad: List[Tuple[int, int, str, int]] = []  # (offset, end, reason, number of intact records before)
+        offset = start
+        with memoryview(mm) as mv:
+            while offset < size:
+                n, reason, hint = self._check_record(mv, offset, size)
+                if n is not None:
+                    reason = self._index_record(mv, offset, n)
+                    if reason is None:
+                        offset += n
+                        self._end = offset
+                        continue
+                    hint = offset + n  # intact bytes, unusable contents: skip exactly this record
+                nxt = self._resync(mm, mv, offset, size, hint)
+                end = size if nxt is None else nxt
+                if bad and bad[-1][1] == offset and bad[-1][3] == len(self._recs):
+                    bad[-1] = (bad[-1][0], end, bad[-1][2], bad[-1][3])  # merge adjacent damage
+                else:
+                    bad.append((offset, end, reason, len(self._recs)))
+                offset = end
+        steps = [r.step for r in self._recs]
+        regions = []
+        for lo, hi, reason, before in bad:
+            tail = hi == size and before == len(steps)
+            if tail and reason in ("cut short", "header cut short"):
+                reason = "torn tail"
+            regions.append(DroppedRegion(lo, hi - lo, reason, steps[before - 1] if before else None,
+                                         steps[before] if before < len(steps) else None, tail))
+        self.dropped = DroppedRecords(regions)
+
+    @staticmethod
+    def _check_record(mv: memoryview, offset: int, size: int) -> Tuple[Optional[int], Optional[str], Optional[int]]:
+        """``(record size, None, None)`` for a record whose checksums hold, else ``(None, reason,
+        where the next record should start if the header is intact)``."""
+        if size - offset < _REC_HEADER.size:
+            return None, "header cut short", None
+        magic, body_len, body_crc, head_crc = _REC_HEADER.unpack_from(mv, offset)
+        if magic != _REC_MAGIC or zlib.crc32(mv[offset:offset + 16]) != head_crc:
+            return None, "damaged record header", None
         end = offset + _REC_HEADER.size + body_len
         if end > size:
-            return None
-        body = bytearray(body_len)
-        f.readinto(body)
-        if zlib.crc32(body) != body_crc:
-            if end < size:
-                raise ValueError(f"{self.path}: the record at byte {offset} fails its checksum and "
-                                 f"{size - end} bytes of records follow it (corruption, not a torn write)")
-            return None
-        step, ids, enc = self._parse(body, offset, with_payload=False)
+            return None, "cut short", None
+        if zlib.crc32(mv[offset + _REC_HEADER.size:end]) != body_crc:
+            return None, "checksum mismatch", end
+        return end - offset, None, None
+
+    def _resync(self, mm: mmap.mmap, mv: memoryview, offset: int, size: int, hint: Optional[int]) -> Optional[int]:
+        """The start of the first intact record after the damaged one at ``offset`` (None: none)."""
+        if hint is not None and hint < size and self._check_record(mv, hint, size)[0] is not None:
+            return hint
+        pos = mm.find(_REC_MAGIC, offset + 1)
+        while pos >= 0:
+            if self._check_record(mv, pos, size)[0] is not None:
+                return pos
+            pos = mm.find(_REC_MAGIC, pos + 1)
+        return None
+
+    def _index_record(self, mv: memoryview, offset: int, n: int) -> Optional[str]:
+        """Index the intact record at ``offset``; a reason string if its contents are unusable."""
+        body_len = n - _REC_HEADER.size
+        o = offset + _REC_HEADER.size
+        if body_len < _BODY_FIXED.size:
+            return "malformed record"
+        _, n_ids, n_layers = _BODY_FIXED.unpack_from(mv, o)
+        meta_len = _BODY_FIXED.size + _pad8(n_layers) + 8 * n_layers + 8 * n_ids
+        if meta_len > body_len:
+            return "malformed record"
+        try:
+            step, ids, enc = self._parse(bytearray(mv[o:o + meta_len]), offset, with_payload=False,
+                                         body_len=body_len)
+        except ValueError:
+            return "malformed record"
+        if self._recs and step <= self._recs[-1].step:
+            return f"record out of order (step {step})"
         m = self.manifest
         sizes = encoding.nbytes_by_kind(enc.kinds.tolist(), enc.counts.tolist(), m.numels,
                                         m.torch_value_dtype.itemsize)
         sizes["metadata"] = _record_overhead(ids.numel(), len(m.names))
-        if self._recs and step <= self._recs[-1].step:
-            raise ValueError(f"{self.path}: record at byte {offset} has step {step} after step "
-                             f"{self._recs[-1].step}")
         self._pos[step] = len(self._recs)
         self._recs.append(_RecordInfo(step, ids.clone(), int(enc.counts.sum()), sizes))
-        self._where.append((offset, end - offset))
-        return end - offset
+        self._where.append((offset, n))
+        return None
 
-    def _intact_header_after(self, f, start: int) -> bool:
-        f.seek(start)
-        rest = f.read()
-        i = rest.find(_REC_MAGIC)
-        while i >= 0:
-            head = rest[i:i + _REC_HEADER.size]
-            if len(head) == _REC_HEADER.size and zlib.crc32(head[:16]) == _REC_HEADER.unpack(head)[3]:
-                return True
-            i = rest.find(_REC_MAGIC, i + 1)
-        return False
-
-    def _parse(self, body, offset: int, with_payload: bool = True) -> Tuple[int, Tensor, Encoded]:
-        """(step, ids, Encoded) of a record body; kinds and counts are checked against the manifest."""
+    def _parse(self, body, offset: int, with_payload: bool = True,
+               body_len: Optional[int] = None) -> Tuple[int, Tensor, Encoded]:
+        """(step, ids, Encoded) of a record body; kinds and counts are checked against the manifest.
+        Without the payload ``body`` may be just its leading metadata, the body being ``body_len`` long."""
         m = self.manifest
         L = len(m.names)
         step, n_ids, n_layers = _BODY_FIXED.unpack_from(body, 0)
@@ -538,12 +766,12 @@ class DiskStore(UpdateStore):
         ids = _frombuffer(body, torch.int64, n_ids, o)
         o += 8 * n_ids
         kl, cl = kinds.tolist(), counts.tolist()
-        if any(k != encoding.choose_kind(c, n) or c > n for k, c, n in zip(kl, cl, m.numels)):
+        if any(c < 0 or c > n or k != encoding.choose_kind(c, n) for k, c, n in zip(kl, cl, m.numels)):
             raise ValueError(f"{bad}: its kinds and counts do not fit the layers")
         n_index = sum(c for k, c in zip(kl, cl) if k == encoding.INDEX)
         n_mask = sum(encoding.mask_nbytes(n) for k, n in zip(kl, m.numels) if k == encoding.BITMASK)
         vdt = m.torch_value_dtype
-        if len(body) != o + 4 * n_index + vdt.itemsize * sum(cl) + n_mask:
+        if (len(body) if body_len is None else body_len) != o + 4 * n_index + vdt.itemsize * sum(cl) + n_mask:
             raise ValueError(f"{bad}: its length does not match its counts")
         index = values = mask = None
         if with_payload:
@@ -558,11 +786,20 @@ class DiskStore(UpdateStore):
     def _create(self, manifest: Manifest) -> None:
         raw = manifest.to_json()
         tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(_FILE_HEADER.pack(_FILE_MAGIC, _VERSION, len(raw), zlib.crc32(raw)) + raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(_FILE_HEADER.pack(_FILE_MAGIC, _VERSION, len(raw), zlib.crc32(raw)) + raw)
+                f.flush()
+                os.fsync(f.fileno())
+            if os.path.exists(self.path):
+                raise FileExistsError(f"{self.path} was created by someone else since this store was opened")
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -613,8 +850,8 @@ class DiskStore(UpdateStore):
             step = item[0]
             try:
                 size = self._write_record(*item)
-            except OSError as e:
-                self._error = (step, e)
+            except Exception as e:  # noqa: BLE001  (any failure must reach the caller, never hang flush)
+                self._error = (step, e if isinstance(e, OSError) else OSError(None, repr(e)))
                 try:
                     self._file.truncate(self._end)
                 except OSError:
@@ -650,8 +887,12 @@ class DiskStore(UpdateStore):
                 del self._pos[r.step]
             del self._recs[n:]
             self._id_index = None
+        first = not self._error_reported
+        self._error_reported = True
+        if not first and self._closed:
+            return  # close() after the error was reported: nothing new to say
         raise OSError(e.errno, f"{self!r}: writing the record of step {step} failed ({e.strerror or e}); "
-                               f"the {n} records before it are on disk and readable, it and any later "
+                               f"the {n} record(s) before it are on disk and readable, it and any later "
                                "ones are not stored") from e
 
     def flush(self, durable: bool = False) -> None:
@@ -702,5 +943,6 @@ class DiskStore(UpdateStore):
         return out
 
 
-__all__ = ["Manifest", "UpdateStore", "MemoryStore", "DiskStore", "StoredUpdate", "DroppedTail",
+__all__ = ["Manifest", "UpdateStore", "MemoryStore", "DiskStore", "StoredUpdate", "DroppedRecords", "DroppedRegion",
+           "DroppedTail", "check_update",
            "model_fingerprint", "unwrap_model", "VALUE_DTYPES"]
