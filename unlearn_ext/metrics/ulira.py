@@ -33,6 +33,14 @@ the LiRA statistic its paper describes, because Gaussian fits to 0/1 values dege
 budget is 640 unlearning runs; here both counts are arguments — a sample is unlearned in about
 n_shadow·n_forget·forget_fraction/2 runs, so small budgets need a large ``forget_fraction`` to score many
 samples.
+
+The two callables are usually built with :func:`recipe_train_fn` (a model factory and the training recipe)
+and :func:`method_unlearn_fn` (any registered method through :func:`unlearn_ext.methods.unlearn`, the same
+fast path the experiments use), e.g.::
+
+    res = ulira(pool, recipe_train_fn(lambda: make_model("mlp", (1, 8, 8), 10), TrainConfig(epochs=20)),
+                method_unlearn_fn("salun", epochs=5), n_shadow=8, n_forget=4)
+    res.auc, res.tpr_at_1_fpr, res.tpr_at_5_fpr
 """
 from __future__ import annotations
 
@@ -79,6 +87,37 @@ def logit_confidence(model: nn.Module, pool: Dataset, batch_size: int = 512) -> 
         others = z.scatter(1, y[:, None], float("-inf"))
         out.append((z_y - torch.logsumexp(others, dim=1)).cpu())
     return torch.cat(out).numpy()
+
+
+def recipe_train_fn(model_factory: Callable[[], nn.Module], config=None) -> TrainFn:
+    """``train_fn`` for :func:`ulira`: a fresh ``model_factory()`` (built under the run's seed, the global RNG
+    restored afterwards) trained by :func:`unlearn_ext.train.train` with ``config`` (default ``TrainConfig()``)
+    on a loader of the subset shuffled with that seed."""
+    from ..data import loader
+    from ..train import TrainConfig, train
+
+    cfg = config or TrainConfig()
+
+    def run(subset: Dataset, seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model = model_factory()
+        return train(model, loader(subset, cfg.batch_size, shuffle=True, seed=seed), cfg)
+    return run
+
+
+def method_unlearn_fn(method, batch_size: int = 128, **hparams) -> UnlearnFn:
+    """``unlearn_fn`` for :func:`ulira`: ``unlearn_ext.methods.unlearn(method, model, forget=..., retain=...,
+    **hparams)`` with loaders of ``batch_size`` (forget in order, retain shuffled with the run's seed).
+    ``method`` is a registered name, a Method class or an instance."""
+    from ..data import loader
+    from ..methods import unlearn
+
+    def run(model: nn.Module, forget_set: Dataset, retain_set: Dataset, seed: int) -> nn.Module:
+        unlearn(method, model, forget=loader(forget_set, batch_size),
+                retain=loader(retain_set, batch_size, shuffle=True, seed=seed), **hparams)
+        return model
+    return run
 
 
 def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, level: float) -> float:
