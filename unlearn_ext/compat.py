@@ -1,50 +1,79 @@
 """The NeurIPS 2023 Machine Unlearning challenge contract, ``unlearning(net, retain, forget, validation)
 -> net``, as a thin adapter around :func:`unlearn_ext.unlearn`.
 
-The challenge's loaders yield ``(x, y)``; this package's methods want ``(x, y, sample_id)``. A
-``DataLoader`` whose samples are pairs is rebuilt over the same dataset, sampler and collate function with
-each sample's dataset index as its id — forget samples get ids ``0 … |D_f|−1``, retain samples
+The challenge's loaders yield ``(x, y)`` (its CIFAR-10 starting kit) or dicts with ``"image"`` and
+``"age_group"`` (its face data); this package's methods want ``(x, y, sample_id)``. A ``DataLoader`` whose
+samples are pairs or such dicts is rebuilt over the same dataset and sampler (and, for pairs, collate
+function) with each sample's dataset index as its id — forget samples get ids ``0 … |D_f|−1``, retain samples
 ``|D_f| … |D_f|+|D_r|−1``, so the two sets never share an id and an id names the same sample in every
 epoch. Loaders that already yield ``(x, y, id)`` are used as they are.
 
 ``validation`` becomes the method's ``test_loader``: for methods with a forget-accuracy stopping rule
 (label flipping, optimization) the adapter's default is ``stop_forget_acc="original_test"`` — stop once
 forget accuracy has fallen to the original model's validation accuracy (SPEC §3); pass
-``stop_forget_acc=None`` to run every epoch. Methods that need a recorded update store (amnesiac) cannot
-run under this contract.
+``stop_forget_acc=None`` to run every epoch. Methods that need a recorded update store (amnesiac) run only
+when ``store=`` is passed and the loaders already yield the sample ids the store was recorded with.
 """
 from __future__ import annotations
 
-from torch.utils.data import DataLoader, Dataset
+from collections.abc import Mapping
+from typing import Optional, Tuple
+
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .methods import get_method, unlearn
 
+#: Keys of a dict sample, in order of preference: the input, the label.
+INPUT_KEYS = ("image", "input", "inputs", "x")
+LABEL_KEYS = ("age_group", "label", "labels", "target", "targets", "y")
+
+
+def _dict_keys(sample: Mapping) -> Tuple[str, str]:
+    found = [next((k for k in keys if k in sample), None) for keys in (INPUT_KEYS, LABEL_KEYS)]
+    if None in found:
+        raise ValueError(f"a dict sample needs an input key {INPUT_KEYS} and a label key {LABEL_KEYS}; "
+                         f"got keys {sorted(sample)}")
+    return found[0], found[1]
+
 
 class _WithIds(Dataset):
-    """``(x, y)`` samples of ``base`` as ``(x, y, first_id + index)``."""
+    """``(x, y)`` samples (or dicts, read through ``keys``) of ``base`` as ``(x, y, first_id + index)``."""
 
-    def __init__(self, base: Dataset, first_id: int):
-        self.base, self.first_id = base, int(first_id)
+    def __init__(self, base: Dataset, first_id: int, keys: Optional[Tuple[str, str]] = None):
+        self.base, self.first_id, self.keys = base, int(first_id), keys
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i):
-        x, y = self.base[i]
+        sample = self.base[i]
+        if self.keys is not None:
+            return sample[self.keys[0]], sample[self.keys[1]], self.first_id + i
+        x, y = sample
         return x, y, self.first_id + i
 
 
 def with_ids(loader, first_id: int = 0):
-    """``loader`` yielding ``(x, y, id)``: unchanged if its samples already carry an id, else rebuilt (same
-    batch size, sampler, collate function, workers) over a dataset that appends ``first_id + index``."""
+    """``loader`` yielding ``(x, y, id)``: unchanged if its samples already are ``(x, y, id)`` triples,
+    else rebuilt (same batch sampler, workers; same collate function for pairs, torch's default for
+    dicts) over a dataset that appends ``first_id + index``."""
     if loader is None:
         return None
     if not isinstance(loader, DataLoader):
         raise TypeError(f"expected a torch DataLoader, got {type(loader).__name__}")
-    if len(loader.dataset[0]) == 3:
+    if loader.batch_sampler is None:
+        raise ValueError("loaders with automatic batching disabled (batch_size=None) are not supported")
+    first = loader.dataset[0]
+    keys = None
+    if isinstance(first, Mapping):
+        keys = _dict_keys(first)
+    elif len(first) == 3:
         return loader
-    return DataLoader(_WithIds(loader.dataset, first_id), batch_sampler=loader.batch_sampler,
-                      collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+    elif len(first) != 2:
+        raise ValueError(f"samples must be (x, y), (x, y, id) or dicts; got a sequence of {len(first)}")
+    return DataLoader(_WithIds(loader.dataset, first_id, keys), batch_sampler=loader.batch_sampler,
+                      collate_fn=default_collate if keys else loader.collate_fn,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory,
                       timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
                       persistent_workers=loader.persistent_workers if loader.num_workers else False)
 
@@ -61,4 +90,4 @@ def unlearning(net, retain, forget, validation, method: str = "partial_optimizat
     return unlearn(cls(), net, forget=forget_l, retain=retain_l, **hparams).model
 
 
-__all__ = ["unlearning", "with_ids"]
+__all__ = ["unlearning", "with_ids", "INPUT_KEYS", "LABEL_KEYS"]
