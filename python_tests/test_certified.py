@@ -18,13 +18,7 @@ from unlearn_ext.methods.certified import (NormBall, batch_sampler, certified_si
 from unlearn_ext.models import make_model
 from unlearn_ext.train import TrainConfig, train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_methods_neighbours import one_thread  # noqa: F401  (module-scoped, autouse: one intra-op thread)
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,9 @@ from unlearn_ext.metrics.ulira import logit_confidence, method_unlearn_fn, recip
 from unlearn_ext.models import make_model
 from unlearn_ext.train import TrainConfig
 
+from test_methods_neighbours import one_thread  # noqa: F401  (module-scoped, autouse: one intra-op thread)
+
 BUDGET = dict(n_shadow=4, n_forget=2, forget_fraction=0.5, seed=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
