@@ -1,0 +1,340 @@
+"""Kernel benchmarks: each unlearn_ext op against the plain-PyTorch way of doing the same job, on the
+parameter shapes of torchvision's ResNet-18 and ResNet-50 (random values), at keep ratios 1%, 10%, 50%.
+
+    python benchmarks/bench_ops.py [--quick] [--markdown PATH] [--device cpu|cuda|all] [--reps N]
+    unlearn-ext bench [same arguments]
+
+Baselines (what a user writes without the extension):
+  layerwise_topk         per-layer loop: torch.topk(|x|.flatten(), k), then gather the signed values
+  layerwise_topk (sub)   the same on the materialised update after - before
+  layerwise_topk_mask    per-layer loop: torch.topk, then zeros + scatter into a bool mask
+  sparse_accumulate_     per-segment loop of dense[l].view(-1).index_add_(0, idx, values, alpha), B=8 updates
+  masked_sgd_            SalUn-style: grad.mul_(mask) per layer, then torch.optim.SGD(foreach=True).step()
+                         (momentum 0.9, weight decay 5e-4); ours with the masks given, and with the top-k
+                         of |grad| selected inside the op; plus the plain SGD step with no mask at all
+  masked_adam_           grad.mul_(mask) + torch.optim.AdamW(foreach=True).step()
+
+Medians of `--reps` timed runs after warm-up, both sides measured in the same run, speed-up = baseline /
+ours. On CUDA also the achieved GB/s of ours against a minimal count of bytes moved (each input read
+once, each output written once).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+try:
+    import unlearn_ext
+    from unlearn_ext import ops
+except ImportError:  # run from a source tree without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import unlearn_ext
+    from unlearn_ext import ops
+
+RATIOS = (0.01, 0.10, 0.50)
+SGD_HP = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+ADAM_HP = dict(lr=1e-3, weight_decay=1e-2)
+B_UPDATES = 8
+
+# Parameter shapes of torchvision's resnet18 / resnet50 (ImageNet heads), used if torchvision is missing.
+_FALLBACK = None
+
+
+def model_shapes(name: str):
+    try:
+        import torchvision
+
+        with torch.device("meta"):
+            model = getattr(torchvision.models, name)()
+        return [tuple(p.shape) for p in model.parameters()]
+    except Exception as e:  # pragma: no cover - torchvision is a dependency of the project
+        raise SystemExit(f"bench_ops: needs torchvision for the {name} shapes ({e})")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device, reps: int, warmup: int = 1, setup=None) -> float:
+    """Median seconds of `reps` runs of fn() (setup() before each run, untimed)."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if setup:
+            setup()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---- baselines -------------------------------------------------------------------------------------
+
+def topk_loop(xs, ratio):
+    vals, idxs = [], []
+    for x in xs:
+        flat = x.reshape(-1)
+        k = ops.keep_count(flat.numel(), ratio)
+        _, i = torch.topk(flat.abs(), k)
+        vals.append(flat[i])
+        idxs.append(i)
+    return vals, idxs
+
+
+def topk_sub_loop(after, before, ratio):
+    return topk_loop([a - b for a, b in zip(after, before)], ratio)
+
+
+def mask_loop(xs, ratio):
+    masks = []
+    for x in xs:
+        flat = x.reshape(-1)
+        k = ops.keep_count(flat.numel(), ratio)
+        _, i = torch.topk(flat.abs(), k)
+        m = torch.zeros(flat.numel(), dtype=torch.bool, device=x.device)
+        m[i] = True
+        masks.append(m.view(x.shape))
+    return masks
+
+
+def index_add_loop(dense, values, indices, offsets_list, alpha):
+    L = len(dense)
+    for s in range(len(offsets_list) - 1):
+        lo, hi = offsets_list[s], offsets_list[s + 1]
+        dense[s % L].view(-1).index_add_(0, indices[lo:hi], values[lo:hi], alpha=alpha)
+
+
+# ---- one model, one device --------------------------------------------------------------------------
+
+def bench_model(name, shapes, device, ratios, reps, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    es = torch.empty((), dtype=dtype).element_size()
+    xs = [torch.randn(s, generator=gen).to(dtype).to(device) for s in shapes]
+    before = [(x.float() - 1e-3 * torch.randn(x.shape, generator=gen).to(device)).to(dtype) for x in xs]
+    n = sum(x.numel() for x in xs)
+
+    def row(op, ratio, ours, base, nbytes, baseline):
+        rows.append(dict(model=name, device=str(device), op=op, ratio=ratio, ours_ms=ours * 1e3,
+                         base_ms=base * 1e3 if base is not None else None,
+                         speedup=(base / ours) if base is not None else None,
+                         gbps=(nbytes / ours / 1e9) if device.type == "cuda" else None, baseline=baseline))
+        r = rows[-1]
+        base_s = f"{r['base_ms']:9.2f} ms" if base is not None else "        -   "
+        sp = f"{r['speedup']:6.2f}x" if base is not None else "     - "
+        gb = f"  {r['gbps']:7.1f} GB/s" if r["gbps"] is not None else ""
+        print(f"{name:9s} {str(device):5s} {op:34s} r={ratio:5.0%}  ours {r['ours_ms']:9.2f} ms  "
+              f"base {base_s}  speed-up {sp}{gb}", flush=True)
+
+    for ratio in ratios:
+        k = sum(ops.keep_count(x.numel(), ratio) for x in xs)
+        ours = timeit(lambda: ops.layerwise_topk(xs, ratio), device, reps)
+        base = timeit(lambda: topk_loop(xs, ratio), device, reps)
+        row("layerwise_topk", ratio, ours, base, n * es + k * (es + 4), "per-layer torch.topk loop")
+
+        ours = timeit(lambda: ops.layerwise_topk(xs, ratio, subtract=before), device, reps)
+        base = timeit(lambda: topk_sub_loop(xs, before, ratio), device, reps)
+        row("layerwise_topk(subtract=)", ratio, ours, base, 2 * n * es + k * (es + 4),
+            "materialise after-before, per-layer torch.topk loop")
+
+        ours = timeit(lambda: ops.layerwise_topk_mask(xs, ratio), device, reps)
+        base = timeit(lambda: mask_loop(xs, ratio), device, reps)
+        row("layerwise_topk_mask", ratio, ours, base, n * es + n, "per-layer torch.topk + scatter")
+
+        # B stored updates applied at once
+        upd = [ops.layerwise_topk([torch.randn(x.shape, generator=gen).to(dtype).to(device) for x in xs], ratio)
+               for _ in range(B_UPDATES)]
+        values = torch.cat([u[0] for u in upd])
+        indices = torch.cat([u[1] for u in upd])
+        offs = [0]
+        for u in upd:
+            offs += (u[2][1:].cpu() + offs[-1]).tolist()
+        offsets = torch.tensor(offs, dtype=torch.int64, device=device)
+        indices_long = indices.long()
+        dense = [x.clone() for x in xs]
+        ours = timeit(lambda: ops.sparse_accumulate_(dense, values, indices, offsets, -1.0), device, reps)
+        base = timeit(lambda: index_add_loop(dense, values, indices_long, offs, -1.0), device, reps)
+        row(f"sparse_accumulate_ (B={B_UPDATES})", ratio, ours, base, values.numel() * (es + 4 + 2 * es),
+            "per-segment index_add_ loop")
+
+        # masked SGD: ours (masks given / selection inside) vs SalUn-style mask multiply + SGD(foreach)
+        grads = [torch.randn(x.shape, generator=gen).to(dtype).to(device) for x in xs]
+        masks = ops.layerwise_topk_mask(grads, ratio)
+        params = [x.clone() for x in xs]
+        bufs = [torch.zeros_like(x) for x in xs]
+        tparams = [torch.nn.Parameter(x.clone()) for x in xs]
+        opt = torch.optim.SGD(tparams, foreach=True, **SGD_HP)
+
+        def salun_sgd():
+            for p, g, m in zip(tparams, grads, masks):
+                p.grad.copy_(g).mul_(m)
+            opt.step()
+
+        for p, g in zip(tparams, grads):
+            p.grad = g.clone()
+        opt.step()  # creates the momentum buffers
+        base = timeit(salun_sgd, device, reps)
+        plain = timeit(opt.step, device, reps)
+        ours = timeit(lambda: ops.masked_sgd_(params, grads, bufs, masks, 1.0, **SGD_HP), device, reps)
+        row("masked_sgd_ (masks given)", ratio, ours, base, n * (5 * es + 1), "grad*mask + SGD(foreach) step")
+        rows[-1]["vs_plain_sgd"] = ours / plain
+        row("  plain SGD(foreach) step, no mask", ratio, plain, None, n * 5 * es, "-")
+        ours = timeit(lambda: ops.masked_sgd_(params, grads, bufs, None, ratio, **SGD_HP), device, reps)
+        base_sel = timeit(lambda: (mask_loop(grads, ratio), salun_sgd()), device, reps)
+        row("masked_sgd_ (top-k of |grad| inside)", ratio, ours, base_sel, n * (5 * es) + n * es,
+            "per-layer topk mask + grad*mask + SGD(foreach) step")
+        rows[-1]["vs_plain_sgd"] = ours / plain
+
+        m1 = [torch.zeros_like(x) for x in xs]
+        m2 = [torch.zeros_like(x) for x in xs]
+        aparams = [torch.nn.Parameter(x.clone()) for x in xs]
+        aopt = torch.optim.AdamW(aparams, foreach=True, **ADAM_HP)
+        for p, g in zip(aparams, grads):
+            p.grad = g.clone()
+        aopt.step()
+
+        def salun_adam():
+            for p, g, m in zip(aparams, grads, masks):
+                p.grad.copy_(g).mul_(m)
+            aopt.step()
+
+        base = timeit(salun_adam, device, reps)
+        ours = timeit(lambda: ops.masked_adam_(params, grads, m1, m2, masks, 1.0, step=5, **ADAM_HP), device, reps)
+        row("masked_adam_ (masks given)", ratio, ours, base, n * (7 * es + 1), "grad*mask + AdamW(foreach) step")
+        del upd, values, indices, dense, grads, masks, params, bufs, tparams, opt, m1, m2, aparams, aopt
+    return rows
+
+
+# ---- machine facts and output -------------------------------------------------------------------------
+
+def machine_facts():
+    facts = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+             "torch_threads": torch.get_num_threads()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket"):
+                facts[key.strip()] = val.strip()
+    except (OSError, subprocess.SubprocessError):
+        facts["Model name"] = platform.processor() or "unknown"
+    try:
+        facts["loadavg"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name(0)
+    info = unlearn_ext.build_info()
+    facts["build_info"] = {k: info.get(k) for k in ("version", "backend", "cuda_compiled", "cuda_arch_list",
+                                                     "openmp", "threads", "torch", "torch_cuda")}
+    return facts
+
+
+def write_markdown(path, rows, facts, args):
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = ["# unlearn_ext kernel benchmarks", "",
+             f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} with "
+             f"`python benchmarks/bench_ops.py {' '.join(sys.argv[1:])}`.", "",
+             "## Machine", ""]
+    for k, v in facts.items():
+        lines.append(f"- {k}: `{v}`")
+    lines += ["", "Speed-up = baseline median / ours median, both measured in this run (float32, random values "
+              "on the models' parameter shapes). `vs plain SGD` = our masked step / an unmasked "
+              "torch.optim.SGD(foreach) step with the same momentum and weight decay.", ""]
+    gb = any(r["gbps"] is not None for r in rows)
+    head = "| model | device | op | ratio | ours (ms) | baseline (ms) | speed-up | vs plain SGD |"
+    sep = "|---|---|---|---:|---:|---:|---:|---:|"
+    if gb:
+        head += " GB/s |"
+        sep += "---:|"
+    lines += [head, sep]
+    for r in rows:
+        line = (f"| {r['model']} | {r['device']} | {r['op'].strip()} | {r['ratio']:.0%} | {r['ours_ms']:.2f} | "
+                f"{fmt(r['base_ms'], '.2f')} | {fmt(r['speedup'], '.2f')}{'x' if r['speedup'] else ''} | "
+                f"{fmt(r.get('vs_plain_sgd'), '.2f')}{'x' if r.get('vs_plain_sgd') else ''} |")
+        if gb:
+            line += f" {fmt(r['gbps'], '.1f')} |"
+        lines.append(line)
+    lines += ["", "Baselines:", ""]
+    seen = set()
+    for r in rows:
+        if r["baseline"] != "-" and r["op"] not in seen:
+            seen.add(r["op"])
+            lines.append(f"- {r['op'].strip()}: {r['baseline']}")
+    lines += ["", "## Targets", ""] + [f"- {t}" for t in targets(rows)] + [""]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    print(f"wrote {path}")
+
+
+def targets(rows):
+    out = []
+    for r in rows:
+        if r["model"] == "resnet18" and r["op"] == "layerwise_topk" and abs(r["ratio"] - 0.10) < 1e-9:
+            ok = r["speedup"] >= 3.0
+            out.append(f"[{r['device']}] layerwise_topk, ResNet-18, r=10%: {r['speedup']:.2f}x the per-layer "
+                       f"torch.topk loop (target >= 3x): {'met' if ok else 'MISSED'}")
+        if r["op"].startswith("masked_sgd_") and r.get("vs_plain_sgd") is not None and r["model"] == "resnet18":
+            ok = r["vs_plain_sgd"] <= 1.3
+            out.append(f"[{r['device']}] {r['op']}, ResNet-18, r={r['ratio']:.0%}: {r['vs_plain_sgd']:.2f}x a plain "
+                       f"SGD(foreach) step (target <= 1.3x): {'met' if ok else 'MISSED'}")
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="ResNet-18 only, r=10%%, few repetitions")
+    parser.add_argument("--markdown", metavar="PATH", help="also write a markdown table with machine facts")
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                        help="where to run (default: the CPU, and CUDA when available)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
+    parser.add_argument("--models", default=None, help="comma-separated torchvision models (resnet18,resnet50)")
+    args = parser.parse_args(argv)
+
+    if unlearn_ext.build_info()["backend"] != "compiled":
+        print("bench_ops: WARNING: compiled kernels not loaded; timing the pure-PyTorch reference", flush=True)
+    models = args.models.split(",") if args.models else (["resnet18"] if args.quick else ["resnet18", "resnet50"])
+    ratios = (0.10,) if args.quick else RATIOS
+    reps = args.reps or (5 if args.quick else 7)
+    devices = []
+    if args.device in ("cpu", "all"):
+        devices.append(torch.device("cpu"))
+    if args.device in ("cuda", "all") and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_ops: --device cuda but torch.cuda.is_available() is False")
+
+    facts = machine_facts()
+    print(f"bench_ops: {facts.get('Model name', '?')}, {facts['cpu_count']} CPUs, torch {torch.__version__}, "
+          f"{facts['torch_threads']} threads, backend {facts['build_info']['backend']}", flush=True)
+    rows = []
+    for device in devices:
+        for name in models:
+            rows += bench_model(name, model_shapes(name), device, ratios, reps)
+    for t in targets(rows):
+        print(t)
+    if args.markdown:
+        write_markdown(args.markdown, rows, facts, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
