@@ -1,14 +1,12 @@
 """UpdateRecorder, its encodings and stores (SPEC §2): round trips, exact byte accounting, amnesiac
-removal of every step, partial = dense at r = 1, sample-id lookup, fingerprints and DDP on two gloo
-processes."""
+removal of every step, partial = dense at r = 1, sample-id lookup and fingerprints. DDP is in
+test_record_ddp.py, faults (kills, corruption, full disk, refusals) in test_store_faults.py."""
 import copy
 import os
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -313,63 +311,3 @@ def test_append_checks_its_input():
         UpdateRecorder(model, value_dtype=torch.float64)
     with pytest.raises(ValueError, match="keep_ratio"):
         UpdateRecorder(model, keep_ratio=0.0)
-
-
-# -- DDP: two gloo processes on the CPU ---------------------------------------------------------------
-
-def _ddp_batches():
-    """(x, y, ids) global batches of 16."""
-    data = _data(64, seed=5)
-    return [(data.x[ids], data.y[ids], ids) for ids in torch.randperm(64, generator=torch.Generator().manual_seed(1))
-            .split(16)] * 2
-
-
-def _ddp_worker(rank, tmp):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
-    try:
-        model = nn.parallel.DistributedDataParallel(_mlp())
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        store = DiskStore(f"{tmp}/ddp.ulx")  # every rank runs the same code; only rank 0 records
-        rec = UpdateRecorder(model, store=store)
-        assert rec.enabled == (rank == 0)
-        for x, y, ids in _ddp_batches():
-            half = slice(8 * rank, 8 * rank + 8)
-            opt.zero_grad()
-            F.cross_entropy(model(x[half]), y[half]).backward()
-            with rec.step(ids[half]):
-                opt.step()
-        store.close()
-        if rank != 0:
-            assert len(store) == 0
-    finally:
-        dist.destroy_process_group()
-
-
-def _dense_updates(store):
-    out = []
-    for rec in store.records():
-        dense = [torch.zeros(s) for s in store.manifest.shapes]
-        ops.sparse_accumulate_(dense, rec.values, rec.indices, rec.offsets, 1.0)
-        out.append(dense)
-    return out
-
-
-def test_ddp_rank0_store_equals_single_process_store(tmp_path):
-    mp.spawn(_ddp_worker, args=(str(tmp_path),), nprocs=2, join=True)
-    model = _mlp()
-    single = UpdateRecorder(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for x, y, ids in _ddp_batches():
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        with single.step(ids):
-            opt.step()
-    ddp = DiskStore(tmp_path / "ddp.ulx", model=model)  # DDP's "module." prefix is not in the names
-    assert ddp.manifest == single.store.manifest
-    assert ddp.steps() == single.store.steps() == list(range(8))
-    for s in ddp.steps():  # rank 0 recorded the ids of both ranks' halves
-        assert torch.equal(ddp.sample_ids(s), single.store.sample_ids(s))
-    for a, b in zip(_dense_updates(ddp), _dense_updates(single.store)):
-        for x, y in zip(a, b):
-            assert torch.allclose(x, y, rtol=1e-5, atol=1e-7)
