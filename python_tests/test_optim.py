@@ -9,6 +9,16 @@ from unlearn_ext import ops
 from unlearn_ext.optim import PartialAdamW, PartialSGD
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared machine OpenMP's spinning makes
+    them many times slower: one thread for this module, restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
@@ -35,11 +45,14 @@ ADAMW_CASES = [dict(), dict(lr=0.01, weight_decay=0.1), dict(lr=0.01, betas=(0.5
 def _parity(ours_cls, torch_cls, kw):
     a, b = _model(), _model()
     oa, ob = ours_cls(a.parameters(), **kw), torch_cls(b.parameters(), **kw)
-    for x, y in _batches():
+    for t, (x, y) in enumerate(_batches(50)):
         _step(a, oa, x, y)
         _step(b, ob, x, y)
+        # Last-bit rounding differences (torch's vectorised kernels fuse multiply-adds, the compiled ones
+        # round each operation) compound along a training trajectory: tight for 20 steps, then looser.
+        tol = dict(rtol=1e-5, atol=1e-7) if t < 20 else dict(rtol=1e-4, atol=1e-6)
         for pa, pb in zip(a.parameters(), b.parameters()):
-            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(pa, pb, **tol)
     return oa, ob
 
 
@@ -49,7 +62,7 @@ def test_sgd_matches_torch_at_full_ratio(kw):
     if kw.get("momentum"):
         for p, q in zip(oa.param_groups[0]["params"], ob.param_groups[0]["params"]):
             torch.testing.assert_close(oa.state[p]["momentum_buffer"], ob.state[q]["momentum_buffer"],
-                                       rtol=1e-5, atol=1e-7)
+                                       rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("kw", ADAMW_CASES)
@@ -180,6 +193,69 @@ def test_loads_a_torch_sgd_state_dict():
         _step(b, ours, x, y)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls,tcls,kw", [
+    (PartialSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=0.01)),
+    (PartialSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+    (PartialSGD, torch.optim.SGD, dict(lr=0.05)),
+    (PartialAdamW, torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
+])
+def test_off_scale_is_the_torch_step_on_the_damped_gradient(cls, tcls, kw):
+    """off_scale > 0 (MSG's damped update): unselected coordinates take an ordinary step on off_scale * grad
+    (weight decay and momentum included), so the whole step is torch's on the masked-and-damped gradient."""
+    a, b = _model(), _model()
+    oa = cls(a.parameters(), keep_ratio=0.2, off_scale=0.1, **kw)
+    ob = tcls(b.parameters(), **kw)
+    for x, y in _batches(15):
+        _step(a, oa, x, y)
+        ob.zero_grad()
+        nn.functional.cross_entropy(b(x), y).backward()
+        grads = [p.grad for p in b.parameters()]
+        for p, m in zip(b.parameters(), ops.layerwise_topk_mask(grads, 0.2)):
+            p.grad = torch.where(m, p.grad, p.grad * 0.1)
+        ob.step()
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+
+
+def test_loads_a_torch_adamw_state_dict():
+    a, b = _model(), _model()
+    kw = dict(lr=0.01, weight_decay=0.05)
+    oa, ob = torch.optim.AdamW(a.parameters(), **kw), torch.optim.AdamW(b.parameters(), **kw)
+    batches = _batches(8)
+    for x, y in batches[:4]:
+        _step(a, oa, x, y)
+        _step(b, ob, x, y)
+    ours = PartialAdamW(b.parameters(), **kw)
+    ours.load_state_dict(ob.state_dict())
+    for x, y in batches[4:]:
+        _step(a, oa, x, y)
+        _step(b, ours, x, y)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_coordinates_stay_bitwise_with_explicit_masks():
+    """Explicit masks (what random / round robin build): weight decay and momentum never move a frozen
+    coordinate, even after it was selected earlier and has a non-zero momentum buffer."""
+    lin = nn.Linear(6, 4)
+    opt = PartialSGD(lin.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1, keep_ratio=0.25,
+                     selection="round_robin")
+    for t in range(6):
+        before = [p.detach().clone() for p in lin.parameters()]
+        bufs = [opt.state[p]["momentum_buffer"].clone() if p in opt.state else None for p in lin.parameters()]
+        lin.weight.grad = torch.randn_like(lin.weight)
+        lin.bias.grad = torch.randn_like(lin.bias)
+        opt.step()
+        for p, b0, buf0 in zip(lin.parameters(), before, bufs):
+            n, k = p.numel(), ops.keep_count(p.numel(), 0.25)
+            block = t % -(-n // k)
+            expected = torch.zeros(n, dtype=torch.bool)
+            expected[block * k:(block + 1) * k] = True
+            assert torch.equal((p.detach() != b0).view(-1), expected)
+            if buf0 is not None:
+                assert torch.equal(opt.state[p]["momentum_buffer"].view(-1)[~expected], buf0.view(-1)[~expected])
 
 
 def test_per_group_keep_ratio_and_bad_arguments():
