@@ -33,7 +33,7 @@ from unlearn_ext.methods import (Method, UnlearnResult, available_methods, get_m
 from unlearn_ext.methods import base as methods_base  # noqa: E402
 from unlearn_ext.methods import label_flip as label_flip_module  # noqa: E402
 from unlearn_ext.methods.common import accuracy  # noqa: E402
-from unlearn_ext.methods.paper import FlippedLabels  # noqa: E402
+from unlearn_ext.methods.paper import FlippedLabels, NaiveAmnesiac, PartialAmnesiac  # noqa: E402
 from unlearn_ext.models import make_model  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook  # noqa: E402
 from unlearn_ext.optim import PartialSGD  # noqa: E402
@@ -93,8 +93,9 @@ def s(_one_thread):
         test=loader(d.test, 256), test_r=loader(d.test.subset(other), 256))
     model = make_model("mlp", d.input_shape, d.num_classes, hidden=64)
     ns.init = copy.deepcopy(model)
-    ns.recorders = {None: UpdateRecorder(model), 1.0: UpdateRecorder(model, keep_ratio=1.0),
+    ns.recorders = {None: NaiveAmnesiac.recorder(model), 1.0: PartialAmnesiac.recorder(model, keep_ratio=1.0),
                     0.2: UpdateRecorder(model, keep_ratio=0.2)}
+    assert ns.recorders[None].keep_ratio is None and PartialAmnesiac.recorder(model).keep_ratio == 0.1
     train(model, ns.train, CFG, recorders=list(ns.recorders.values()))
     ns.model = model
     ns.acc = lambda m: {"forget": accuracy(m, ns.forget), "retain": accuracy(m, ns.retain),

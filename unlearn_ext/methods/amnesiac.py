@@ -1,7 +1,8 @@
 """Algorithm 1 of Gogineni & Nadimi: amnesiac and partial amnesiac unlearning (SPEC §2, §3).
 
-During training an :class:`~unlearn_ext.record.UpdateRecorder` stores each step's update Δ_b with the
-ids S_b of its batch — dense for naive amnesiac (``keep_ratio=None``), layer-wise top-k pruned Δ̂_b
+During training an :class:`~unlearn_ext.record.UpdateRecorder` (``NaiveAmnesiac.recorder(model)``,
+``PartialAmnesiac.recorder(model, keep_ratio=r)``) stores each step's update Δ_b with the ids S_b of its
+batch — dense for naive amnesiac (``keep_ratio=None``), layer-wise top-k pruned Δ̂_b
 (``keep_ratio=r``) for partial amnesiac. Unlearning D_f is then
 
     B_f = {b : S_b ∩ D_f ≠ ∅},    θ ← θ − Σ_{b ∈ B_f} Δ̂_b,
@@ -25,8 +26,13 @@ values + int32 indices + int64 offsets handed to ``sparse_accumulate_``), ``byte
 """
 from __future__ import annotations
 
+from typing import Optional
+
+from ..record import UpdateRecorder
 from .base import Method, register_method
 from .common import finetune, sample_ids
+
+_DEFAULT = object()
 
 
 @register_method
@@ -38,6 +44,17 @@ class NaiveAmnesiac(Method):
     name = "amnesiac"
     needs_store = True
     defaults = {"finetune": True, "epochs": 1, "lr": 1e-3, "train_config": None}
+    #: Keep ratio of the recording this method is meant to read (None: dense updates).
+    record_keep_ratio: Optional[float] = None
+
+    @classmethod
+    def recorder(cls, model, keep_ratio=_DEFAULT, store=None, **kw) -> UpdateRecorder:
+        """The :class:`~unlearn_ext.record.UpdateRecorder` to wrap the training run with (pass it to
+        :func:`unlearn_ext.train.train` as ``recorders=[...]``): dense for ``amnesiac``, layer-wise pruned
+        at ``keep_ratio`` (default :attr:`record_keep_ratio`) for ``partial_amnesiac``. ``store`` defaults
+        to a new MemoryStore; ``kw`` goes to the recorder (``value_dtype``, ``only_ids``)."""
+        ratio = cls.record_keep_ratio if keep_ratio is _DEFAULT else keep_ratio
+        return UpdateRecorder(model, keep_ratio=ratio, store=store, **kw)
 
     def _run(self, model, forget, retain, store, hp):
         if hp["finetune"] and retain is None:
@@ -62,7 +79,10 @@ class NaiveAmnesiac(Method):
 @register_method
 class PartialAmnesiac(NaiveAmnesiac):
     """Partial amnesiac unlearning: removal of the layer-wise pruned updates, no fine-tune by default.
-    Same hyper-parameters as :class:`NaiveAmnesiac`."""
+    Same hyper-parameters as :class:`NaiveAmnesiac`; the keep ratio r is the recording's
+    (``PartialAmnesiac.recorder(model, keep_ratio=r)``, default 0.1; the paper sweeps
+    {0.01, 0.05, 0.1, 0.2, 0.5})."""
 
     name = "partial_amnesiac"
     defaults = {**NaiveAmnesiac.defaults, "finetune": False}
+    record_keep_ratio = 0.1
