@@ -341,8 +341,16 @@ def triangular_lr(base_lr: float, epochs: int) -> Callable[[int], float]:
     return lambda e: base_lr * ((e + 1) / a if e + 1 <= a else (total - e - 1) / (total - a))
 
 
+class _ConvMethod(Method):
+    """A method that acts on Conv2d kernels: unsupported on a model without any."""
+
+    @classmethod
+    def unsupported(cls, model: nn.Module) -> Optional[str]:
+        return None if _conv2d_weights(model) else "the model has no nn.Conv2d layer (this method acts on conv kernels)"
+
+
 @register_method
-class MaskedSmallGradients(Method):
+class MaskedSmallGradients(_ConvMethod):
     """MSG, Deep Unlearn's "kgltop2" (a NeurIPS'23 unlearning-challenge entry).
 
     1. g = Σ_b ∇ℓ_b on a random subset of |D_f| retain samples (batches of the forget loader's size) minus
@@ -364,8 +372,6 @@ class MaskedSmallGradients(Method):
 
     def _run(self, model, forget, retain, store, hp):
         convs = _conv2d_weights(model)
-        if not convs:
-            raise ValueError("msg: the model has no nn.Conv2d layer to re-initialise")
         gen = torch.Generator().manual_seed(int(hp["seed"]))
         n_forget = len(forget.dataset)
         subset = torch.randperm(len(retain.dataset), generator=gen)[:n_forget].tolist()
@@ -389,7 +395,7 @@ class MaskedSmallGradients(Method):
 
 
 @register_method
-class ConvTranspose(Method):
+class ConvTranspose(_ConvMethod):
     """CT, Deep Unlearn's "kgltop5": swap the two spatial axes of every Conv2d kernel (weight[o, i, h, w] →
     weight[o, i, w, h]), then fine-tune on D_r with SGD and a per-epoch cosine LR (T_max = epochs)."""
 
@@ -399,8 +405,6 @@ class ConvTranspose(Method):
 
     def _run(self, model, forget, retain, store, hp):
         convs = _conv2d_weights(model)
-        if not convs:
-            raise ValueError("ct: the model has no nn.Conv2d layer to transpose")
         transpose_conv_kernels_(convs)
         epochs = int(hp["epochs"])
         steps = _fit(model, retain, _sgd(model.parameters(), hp), epochs, _cross_entropy,
