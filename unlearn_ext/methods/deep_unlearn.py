@@ -6,6 +6,10 @@ defaults: 256, MSG and CT 64, SCRUB retain 32 / forget 64). Defaults are the ``O
 Deep Unlearn's code — its benchmark then tunes them per data set and model with Optuna, so treat them as
 starting points. Deliberate differences from that code are stated per method.
 
+The epoch loops are :func:`.common.run_epochs` (model in train mode unless stated; a non-finite loss ends
+the run before its step — gradient ascent run too far — and the step count says where). MSG and CT report
+themselves unsupported (``Method.unsupported``) on a model without ``nn.Conv2d`` layers.
+
 ============ ============================================================================ ==================
 name         update rule                                                                   defaults
 ============ ============================================================================ ==================
@@ -423,7 +427,9 @@ class SCRUB(Method):
     """SCRUB (Kurmanji et al., NeurIPS 2023) as Deep Unlearn's ``scrubv2.py`` runs it: teacher = frozen copy
     of the model; for epoch e = 1..E, LR by the step schedule, then if e ≤ ``max_epochs`` one pass over D_f
     minimising −KL_T(teacher‖student), then one pass over D_r minimising γ·ℓ + α·KL_T (student in train
-    mode, one SGD optimizer). Not reproduced: the final pick among per-epoch checkpoints, which needs a
+    mode, one SGD optimizer). While the student equals the teacher the KL and its gradient are zero, so the
+    first max pass moves nothing (as in the original); the min steps break the tie and later max passes push
+    the student away on D_f. Not reproduced: the final pick among per-epoch checkpoints, which needs a
     validation loader."""
 
     name = "scrub"
