@@ -5,22 +5,22 @@ and evaluate every model beside the retrained one. ``unlearn-ext demo``/``run`` 
 from __future__ import annotations
 
 import copy
+import hashlib
 import platform
 import time
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from . import __version__, build_info, data, metrics, models
 from .methods import available_methods, get_method, unlearn
-from .record import MemoryStore, UpdateRecorder
 from .train import TrainConfig, train
 
 PAPER_METHODS = ["amnesiac", "partial_amnesiac", "label_flip", "partial_label_flip", "optimization",
                  "partial_optimization"]
 DEMO_METHODS = ["retrain", "finetune"] + PAPER_METHODS + ["ng_plus", "msg", "ct"]
-AMNESIAC = {"amnesiac": None, "partial_amnesiac": "keep_ratio"}  # method -> which recording it reads
 
 
 @dataclass
@@ -59,13 +59,34 @@ def _environment() -> dict:
             "machine": platform.machine(), "build": build_info()}
 
 
+def _weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer's bytes: two runs agree bitwise iff their digests agree."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
+    """Run ``cfg`` and return the result dict (``results.json``): config, environment, data sizes and one row
+    per model — the original, then Retrain, then every other method — with :func:`metrics.evaluate`'s
+    columns, seconds, the method's statistics and hyper-parameters, storage, RTE, the gap to Retrain and a
+    digest of the final weights. ``cfg.deterministic`` turns on ``torch.use_deterministic_algorithms`` for
+    the run (restored afterwards): with it, the same config gives bitwise-identical weights on the CPU."""
     unknown = sorted(set(cfg.methods) - set(available_methods()))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available: {available_methods()}")
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(cfg.deterministic or was_deterministic)
+    try:
+        return _run(cfg, progress)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _run(cfg: ExperimentConfig, progress: bool) -> dict:
     torch.manual_seed(cfg.seed)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
     sizes = dict(train_size=cfg.train_size, test_size=cfg.test_size, seed=cfg.seed)
     splits = data.default_dataset(cfg.root, **sizes) if cfg.dataset == "auto" else \
         data.load_dataset(cfg.dataset, cfg.root, **sizes)
@@ -74,10 +95,13 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
                            cls=cfg.forget_class, seed=cfg.seed)
     forget_ds, retain_ds = data.split_forget(train_ds, fids)
     bs = cfg.batch_size
-    loaders = {"train": data.loader(train_ds, bs, shuffle=True, seed=cfg.seed),
-               "forget": data.loader(forget_ds, bs, shuffle=True, seed=cfg.seed + 2),
-               "retain": data.loader(retain_ds, bs, shuffle=True, seed=cfg.seed + 3),
-               "test": data.loader(test_ds, 512)}
+
+    def shuffled(ds, offset):  # a fresh loader per use: each method sees the same seeded order
+        return data.loader(ds, bs, shuffle=True, seed=cfg.seed + offset)
+
+    def evaluate(net):
+        return metrics.evaluate(net, forget=data.loader(forget_ds, 512), retain=data.loader(retain_ds, 512),
+                                test=data.loader(test_ds, 512), seed=cfg.seed)
 
     def factory():
         return models.make_model(cfg.model, splits.input_shape, splits.num_classes)
@@ -85,47 +109,49 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     model = factory()
     lr = cfg.lr if cfg.lr is not None else models.recommended_lr(cfg.model)
     tcfg = TrainConfig(epochs=cfg.epochs, batch_size=bs, lr=lr, seed=cfg.seed)
-    stores = {}
-    recorders = []
+    recorders = {}  # one recording per store-reading method: dense (amnesiac) or pruned at keep_ratio
     for m in cfg.methods:
-        if m in AMNESIAC:
-            ratio = None if AMNESIAC[m] is None else cfg.keep_ratio
-            stores[m] = MemoryStore()
-            recorders.append(UpdateRecorder(model, keep_ratio=ratio, store=stores[m]))
+        cls = get_method(m)
+        if cls.needs_store:
+            kw = {} if cls.record_keep_ratio is None else {"keep_ratio": cfg.keep_ratio}
+            recorders[m] = cls.recorder(model, **kw)
+    stores = {m: rec.store for m, rec in recorders.items()}
     start = time.perf_counter()
-    train(model, loaders["train"], tcfg, recorders=recorders, progress="train original" if progress else None)
+    train(model, shuffled(train_ds, 0), tcfg, recorders=list(recorders.values()),
+          progress="train original" if progress else None)
     train_seconds = time.perf_counter() - start
     for s in stores.values():
         s.flush()
 
     context = {"num_classes": splits.num_classes, "train_config": tcfg, "model_factory": factory,
                "keep_ratio": cfg.keep_ratio, "seed": cfg.seed, "lr": lr}
-    def evaluate(net):
-        return metrics.evaluate(net, forget=loaders["forget"], retain=loaders["retain"], test=loaders["test"],
-                                seed=cfg.seed)
-
-    rows = {"original": evaluate(model)}
-    rows["original"].update(seconds=train_seconds)
+    rows = {"original": dict(evaluate(model), seconds=train_seconds, weights_sha256=_weights_digest(model))}
     order = sorted(cfg.methods, key=lambda m: m != "retrain")  # Retrain first: the others are read against it
-    for name in order:
+    methods_bar = tqdm(order, desc="unlearning", leave=False, disable=not progress)
+    for name in methods_bar:
+        methods_bar.set_postfix_str(name)
         cls = get_method(name)
+        reason = cls.unsupported(model)
+        if reason:  # e.g. MSG/CT on a model without conv layers: say so in the table, run the rest
+            rows[name] = {"skipped": reason}
+            continue
         hp = {k: v for k, v in context.items() if k in cls.defaults}
         hp.update(cfg.method_hparams.get(name, {}))
         net = copy.deepcopy(model)
-        result = unlearn(cls(), net, forget=loaders["forget"], retain=loaders["retain"],
+        torch.manual_seed(cfg.seed)  # each method's randomness independent of which others ran
+        result = unlearn(cls(), net, forget=shuffled(forget_ds, 2), retain=shuffled(retain_ds, 3),
                          store=stores.get(name), **hp)
-        row = evaluate(net)
-        row.update(seconds=result.seconds, stats=result.stats)
+        row = dict(evaluate(net), seconds=result.seconds, stats=result.stats, weights_sha256=_weights_digest(net))
         if name in stores:
-            row.update(storage_bytes=stores[name].nbytes(),
-                       dense_bytes=stores[name].dense_equivalent_nbytes())
+            row.update(storage_bytes=stores[name].nbytes(), dense_bytes=stores[name].dense_equivalent_nbytes())
         rows[name] = row
     if "retrain" in rows:
-        t_retrain = rows["retrain"]["seconds"]
         for name, row in rows.items():
+            if "skipped" in row:
+                continue
             row["gap"] = metrics.gap_to(rows["retrain"], row)
             if name != "original":
-                row["rte"] = t_retrain / max(row["seconds"], 1e-9)
+                row["rte"] = metrics.rte(rows["retrain"]["seconds"], row["seconds"])
     f = len(forget_ds) / len(train_ds)
     return {"config": asdict(cfg), "environment": _environment(), "dataset": splits.name,
             "dataset_source": splits.source, "dataset_notes": splits.notes,

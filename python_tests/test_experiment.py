@@ -1,0 +1,69 @@
+"""The main job end to end on real data (scikit-learn's digits), through the command line."""
+import json
+
+import pytest
+import torch
+
+from unlearn_ext import cli
+from unlearn_ext.experiment import ExperimentConfig, fraction_of_steps_with_forget, run_experiment
+
+METHODS = ["retrain", "amnesiac", "partial_amnesiac", "partial_optimization", "msg"]
+
+
+def _config(**kw):
+    base = dict(dataset="digits", model="mlp", methods=METHODS, forget_ratio=0.05, train_size=None,
+                test_size=None, epochs=2, batch_size=64, seed=3, deterministic=True)
+    return ExperimentConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run_experiment(_config(), progress=False)
+
+
+def test_rows_columns_and_skips(result):
+    rows = result["rows"]
+    assert list(rows)[:2] == ["original", "retrain"]
+    assert "no nn.Conv2d" in rows["msg"]["skipped"]  # MSG needs conv layers; the MLP has none
+    for name in ["original", "retrain", "amnesiac", "partial_amnesiac", "partial_optimization"]:
+        row = rows[name]
+        for key in ("RA", "FA", "TA", "MIA", "LR_MIA", "indisc", "seconds", "weights_sha256"):
+            assert key in row, (name, key)
+        assert 0.0 <= row["gap"]["avg_gap"] <= 1.0
+    assert rows["original"]["RA"] > 0.85 and rows["retrain"]["TA"] > 0.8
+    assert rows["retrain"]["gap"]["avg_gap"] == 0.0
+    assert rows["partial_amnesiac"]["storage_bytes"] < rows["amnesiac"]["storage_bytes"]
+    assert rows["partial_amnesiac"]["stats"]["store_keep_ratio"] == 0.1
+    assert result["sizes"]["forget"] == round(0.05 * result["sizes"]["train"])
+    assert result["fraction_of_steps_with_forget"] == pytest.approx(fraction_of_steps_with_forget(0.05, 64), rel=0.02)
+    env = result["environment"]
+    assert env["torch"] == torch.__version__ and env["build"]["backend"] == "compiled"
+
+
+def test_deterministic_runs_are_bitwise_identical(result):
+    again = run_experiment(_config(), progress=False)
+    for name, row in result["rows"].items():
+        if "skipped" in row:
+            continue
+        assert again["rows"][name]["weights_sha256"] == row["weights_sha256"], name
+        for key in ("RA", "FA", "TA", "MIA", "LR_MIA"):
+            assert again["rows"][name][key] == row[key], (name, key)
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
+
+
+def test_cli_run_writes_results_and_chart(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["run", "--dataset", "digits", "--model", "lenet", "--methods", "retrain,ct",
+                     "--epochs", "1", "--train-size", "400", "--test-size", "200", "--forget-ratio", "0.05",
+                     "--deterministic", "--no-progress", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| retrain |" in text and "| ct |" in text and "digits" in text
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["model"] == "lenet" and saved["config"]["deterministic"] is True
+    assert saved["rows"]["ct"]["stats"]["hparams"]  # every hyper-parameter recorded
+    assert (out / "chart.png").stat().st_size > 1000
+
+
+def test_cli_rejects_unknown_method():
+    with pytest.raises(ValueError, match="unknown method"):
+        cli.main(["run", "--dataset", "digits", "--methods", "nope", "--no-progress"])
