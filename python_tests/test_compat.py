@@ -97,8 +97,9 @@ def test_with_ids(setup):
     assert wrapped.batch_sampler is base.batch_sampler and len(wrapped) == len(base)
     ids = torch.cat([i for _, _, i in wrapped])
     assert sorted(ids.tolist()) == list(range(100, 100 + len(pairs["forget"])))
+    xs, ys = pairs["forget"].tensors
     for x, y, i in wrapped:  # ids name the dataset's samples
-        assert torch.equal(x, pairs["forget"].tensors[0][i - 100]) and torch.equal(y, pairs["forget"].tensors[1][i - 100])
+        assert torch.equal(x, xs[i - 100]) and torch.equal(y, ys[i - 100])
     # Retain ids follow the forget ids in the adapter: disjoint.
     retain, forget, _ = _loaders(pairs)
     f_ids = torch.cat([i for *_, i in with_ids(forget)])

@@ -20,7 +20,7 @@ class TrainConfig:
     optimizer: str = "adam"  # "adam" | "sgd"
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
-    seed: int = 0
+    seed: int = 0  # recorded with a run; train() draws no random numbers itself (the loader seeds its shuffle)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -59,8 +59,8 @@ OBJECTIVES: Dict[str, Callable] = {
 class Optimization(Method):
     """Naive optimization-based unlearning (Algorithm 3 with full updates).
 
-    Hyper-parameters: ``epochs`` E (5); ``lr`` — the model's learning rate (1e-3; the experiment runner
-    passes each model's); ``momentum`` (0) and ``weight_decay`` (0) of the SGD; ``objective`` ("ga" |
+    Hyper-parameters: ``epochs`` E (5; the paper sweeps E, SPEC §3 gives no single value); ``lr`` — the
+    model's learning rate (1e-3; the experiment runner passes each model's); ``momentum`` (0) and ``weight_decay`` (0) of the SGD; ``objective`` ("ga" |
     "ng_plus" | "kl_uniform" | callable, see the module docstring); ``beta`` (0) and ``alpha`` (0.95)
     weights of the retain loss; ``stop_forget_acc`` — None (run E epochs), a number, or
     ``"original_test"`` (the original model's accuracy on ``test_loader``) — stop once forget accuracy is

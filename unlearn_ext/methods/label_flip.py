@@ -54,8 +54,9 @@ class FlippedLabels:
 class LabelFlip(Method):
     """Naive label-flipping unlearning (Algorithm 2 with full updates).
 
-    Hyper-parameters: ``epochs`` E (5); ``lr`` — the model's learning rate (1e-3, the paper's shallow-model
-    rate; the experiment runner passes each model's); ``momentum`` (0) and ``weight_decay`` (0) of the SGD;
+    Hyper-parameters: ``epochs`` E (5; the paper sweeps E, SPEC §3 gives no single value); ``lr`` — the
+    model's learning rate (1e-3, the paper's shallow-model rate; the experiment runner passes each
+    model's); ``momentum`` (0) and ``weight_decay`` (0) of the SGD;
     ``seed`` of the label draw (0; K is the model's output width);
     ``stop_forget_acc`` — None (run E epochs), a number, or ``"original_test"`` (the original model's
     accuracy on ``test_loader``) — stop once forget accuracy is at most it; ``stop_every_step`` (False: the
