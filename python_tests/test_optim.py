@@ -258,6 +258,40 @@ def test_frozen_coordinates_stay_bitwise_with_explicit_masks():
                 assert torch.equal(opt.state[p]["momentum_buffer"].view(-1)[~expected], buf0.view(-1)[~expected])
 
 
+@pytest.mark.parametrize("cls,tcls,kw", [(PartialSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=0.01)),
+                                         (PartialAdamW, torch.optim.AdamW, dict(lr=0.01))])
+def test_channels_last_parameters(cls, tcls, kw):
+    """Non-contiguous parameters (channels_last conv weights) step like torch's and keep their layout,
+    also after loading torch's state (whose buffers follow the parameter's layout)."""
+    def conv():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).to(
+            memory_format=torch.channels_last)
+
+    a, b = conv(), conv()
+    assert not a[0].weight.is_contiguous()
+    oa, ob = tcls(a.parameters(), **kw), tcls(b.parameters(), **kw)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 3, 8, 8, generator=g).to(memory_format=torch.channels_last),
+                torch.randint(0, 5, (8,), generator=g)) for _ in range(8)]
+    for x, y in batches[:3]:
+        _step(a, oa, x, y)
+        _step(b, ob, x, y)
+    ours = cls(b.parameters(), **kw)
+    ours.load_state_dict(ob.state_dict())
+    for x, y in batches[3:]:
+        _step(a, oa, x, y)
+        _step(b, ours, x, y)
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+    assert b[0].weight.is_contiguous(memory_format=torch.channels_last)
+    fresh = conv()
+    opt = cls(fresh.parameters(), keep_ratio=0.1, **kw)
+    before = fresh[0].weight.detach().clone()
+    _step(fresh, opt, *batches[0])
+    assert int((fresh[0].weight != before).sum()) <= ops.keep_count(before.numel(), 0.1)
+
+
 def test_per_group_keep_ratio_and_bad_arguments():
     model = _model()
     opt = PartialSGD([{"params": model[0].parameters(), "keep_ratio": 0.1},

@@ -32,6 +32,8 @@ Semantics worth knowing:
   a coordinate first selected at a later step starts from the zero buffer, i.e. gets ``(1 − dampening)·d``.
 * AdamW's bias correction uses each tensor's step count; tensors of one group at different counts are
   stepped in one op call per distinct count.
+* Non-contiguous parameters (``channels_last`` conv weights, strided views) are stepped through a
+  contiguous copy written back afterwards; optimizer state is always contiguous.
 * Not supported (``ValueError``): sparse or complex gradients, AdamW's ``amsgrad``, ``differentiable`` and
   ``capturable``. ``foreach`` / ``fused`` are accepted for drop-in compatibility and ignored (the step is
   always one fused op call).
@@ -47,6 +49,14 @@ from . import ops
 
 Tensor = torch.Tensor
 SELECTIONS = ("magnitude", "random", "round_robin")
+
+
+def _contiguous_state(state: dict, key: str) -> Tensor:
+    """``state[key]``, made contiguous in place if it is not (state loaded from a torch optimizer that
+    kept a channels_last parameter's layout), since the ops write it in place."""
+    if not state[key].is_contiguous():
+        state[key] = state[key].contiguous()
+    return state[key]
 
 
 class _PartialOptimizer(torch.optim.Optimizer):
@@ -85,6 +95,18 @@ class _PartialOptimizer(torch.optim.Optimizer):
             params.append(p)
             grads.append(p.grad)
         return params, grads
+
+    @staticmethod
+    def _contiguous(params: List[Tensor]) -> List[Tensor]:
+        """The tensors the op writes: each param itself, or a contiguous copy of a non-contiguous one
+        (channels_last conv weights, strided views) — see :meth:`_write_back`."""
+        return [p if p.is_contiguous() else p.contiguous() for p in params]
+
+    @staticmethod
+    def _write_back(params: List[Tensor], work: List[Tensor]) -> None:
+        for p, w in zip(params, work):
+            if w is not p:
+                p.copy_(w)  # keeps p's own memory format
 
     def _masks(self, group: dict, group_index: int, params: List[Tensor], steps: List[int]
                ) -> Optional[List[Tensor]]:
@@ -157,21 +179,23 @@ class PartialSGD(_PartialOptimizer):
                     fresh.append("momentum_buffer" not in state)
                     if fresh[-1]:
                         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    bufs.append(state["momentum_buffer"])
+                    bufs.append(_contiguous_state(state, "momentum_buffer"))
             masks = self._masks(group, gi, params, steps)
             hyper = dict(ratio=group["keep_ratio"], lr=group["lr"], momentum=momentum,
                          weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                          maximize=group["maximize"], off_scale=group["off_scale"])
+            work = self._contiguous(params)
             if momentum == 0 or group["dampening"] == 0 or all(fresh) or not any(fresh):
                 # A zeroed buffer with dampening 0 is torch's first step (buf = d).
                 damp = 0.0 if (momentum != 0 and all(fresh)) else group["dampening"]
-                ops.masked_sgd_(params, grads, bufs, masks, dampening=damp, **hyper)
+                ops.masked_sgd_(work, grads, bufs, masks, dampening=damp, **hyper)
             else:  # new and old buffers with dampening != 0: one call each
                 for new in (True, False):
                     idx = [i for i, f in enumerate(fresh) if f == new]
-                    ops.masked_sgd_([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
+                    ops.masked_sgd_([work[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
                                     None if masks is None else [masks[i] for i in idx],
                                     dampening=0.0 if new else group["dampening"], **hyper)
+            self._write_back(params, work)
         return loss
 
 
@@ -218,19 +242,23 @@ class PartialAdamW(_PartialOptimizer):
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                _contiguous_state(state, "exp_avg")
+                _contiguous_state(state, "exp_avg_sq")
                 state["step"] += 1
                 steps.append(int(state["step"].item()))
             masks = self._masks(group, gi, params, steps)
             beta1, beta2 = group["betas"]
+            work = self._contiguous(params)
             for t in sorted(set(steps)):  # bias correction is per step count: one call per distinct count
                 idx = [i for i, s in enumerate(steps) if s == t]
                 sub = [params[i] for i in idx]
-                ops.masked_adam_(sub, [grads[i] for i in idx], [self.state[p]["exp_avg"] for p in sub],
-                                 [self.state[p]["exp_avg_sq"] for p in sub],
+                ops.masked_adam_([work[i] for i in idx], [grads[i] for i in idx],
+                                 [self.state[p]["exp_avg"] for p in sub], [self.state[p]["exp_avg_sq"] for p in sub],
                                  None if masks is None else [masks[i] for i in idx], ratio=group["keep_ratio"],
                                  lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                                  weight_decay=group["weight_decay"], step=t, maximize=group["maximize"],
                                  off_scale=group["off_scale"])
+            self._write_back(params, work)
         return loss
 
 
