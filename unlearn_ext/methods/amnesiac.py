@@ -26,13 +26,8 @@ values + int32 indices + int64 offsets handed to ``sparse_accumulate_``), ``byte
 """
 from __future__ import annotations
 
-from typing import Optional
-
-from ..record import UpdateRecorder
 from .base import Method, register_method
 from .common import finetune, sample_ids
-
-_DEFAULT = object()
 
 
 @register_method
@@ -44,17 +39,7 @@ class NaiveAmnesiac(Method):
     name = "amnesiac"
     needs_store = True
     defaults = {"finetune": True, "epochs": 1, "lr": 1e-3, "train_config": None}
-    #: Keep ratio of the recording this method is meant to read (None: dense updates).
-    record_keep_ratio: Optional[float] = None
-
-    @classmethod
-    def recorder(cls, model, keep_ratio=_DEFAULT, store=None, **kw) -> UpdateRecorder:
-        """The :class:`~unlearn_ext.record.UpdateRecorder` to wrap the training run with (pass it to
-        :func:`unlearn_ext.train.train` as ``recorders=[...]``): dense for ``amnesiac``, layer-wise pruned
-        at ``keep_ratio`` (default :attr:`record_keep_ratio`) for ``partial_amnesiac``. ``store`` defaults
-        to a new MemoryStore; ``kw`` goes to the recorder (``value_dtype``, ``only_ids``)."""
-        ratio = cls.record_keep_ratio if keep_ratio is _DEFAULT else keep_ratio
-        return UpdateRecorder(model, keep_ratio=ratio, store=store, **kw)
+    record_keep_ratio = None  # dense: NaiveAmnesiac.recorder(model) (see Method.recorder)
 
     def _run(self, model, forget, retain, store, hp):
         if hp["finetune"] and retain is None:

@@ -20,14 +20,32 @@ class UnlearnResult:
     stats: dict = field(default_factory=dict)
 
 
+_DEFAULT = object()
+
+
 class Method:
     """Subclasses set ``name`` and ``defaults`` (every hyper-parameter, with the documented default) and
-    implement ``_run(model, forget, retain, store, hp) -> stats``."""
+    implement ``_run(model, forget, retain, store, hp) -> stats``. A method that reads updates recorded
+    during training sets ``needs_store`` and, if it wants them pruned, ``record_keep_ratio``; callers get
+    the matching recorder from :meth:`recorder`."""
 
     name: ClassVar[str] = ""
     defaults: ClassVar[Dict[str, object]] = {}
     needs_retain: ClassVar[bool] = False
     needs_store: ClassVar[bool] = False
+    #: Keep ratio of the recording a store-reading method expects (None: dense updates).
+    record_keep_ratio: ClassVar[Optional[float]] = None
+
+    @classmethod
+    def recorder(cls, model: nn.Module, keep_ratio=_DEFAULT, store=None, **kw):
+        """The :class:`~unlearn_ext.record.UpdateRecorder` to wrap the training run with (pass it to
+        :func:`unlearn_ext.train.train` as ``recorders=[...]``): pruned at ``keep_ratio`` (default
+        :attr:`record_keep_ratio`; None = dense). ``store`` defaults to a new MemoryStore; ``kw`` goes to
+        the recorder (``value_dtype``, ``only_ids``)."""
+        from ..record import UpdateRecorder
+
+        ratio = cls.record_keep_ratio if keep_ratio is _DEFAULT else keep_ratio
+        return UpdateRecorder(model, keep_ratio=ratio, store=store, **kw)
 
     def __init__(self, **hparams):
         self.hparams = self._merge(dict(self.defaults), hparams)
