@@ -311,3 +311,35 @@ def test_append_checks_its_input():
         UpdateRecorder(model, value_dtype=torch.float64)
     with pytest.raises(ValueError, match="keep_ratio"):
         UpdateRecorder(model, keep_ratio=0.0)
+
+
+def test_zero_entries_are_dropped_where_that_is_smaller():
+    """Dense input: a layer with a few zeros stays FULL (zeros included, a bitmask would cost more), one
+    with many zeros drops them, an unchanged one is EMPTY; sparse input always drops them — and the
+    partial path at r = 1 chooses exactly like the dense one."""
+    numels = [1000, 1000, 1000, 4096]
+    layers = [torch.randn(n) for n in numels]
+    layers[0][:10] = 0  # 1 % zeros: FULL keeps them
+    layers[1][100:] = 0  # 90 % zeros: BITMASK of the 100 non-zeros
+    layers[2][:] = 0  # unchanged: EMPTY
+    layers[3][5:] = 0  # 5 of 4096 left: INDEX
+    values = torch.cat(layers)
+    offsets = torch.tensor([0] + numels).cumsum(0)
+    for value_dtype in (torch.float32, torch.float16):
+        enc = encoding.encode(values, None, offsets, numels, value_dtype, drop_zeros=True)
+        assert enc.kinds.tolist() == [FULL, BITMASK, EMPTY, INDEX]
+        assert enc.counts.tolist() == [1000, 100, 0, 5]
+        v, i, o = encoding.decode(enc, numels)
+        dense = [torch.zeros(n) for n in numels]
+        ops.sparse_accumulate_(dense, v.float(), i, o)
+        for a, b in zip(dense, layers):
+            assert torch.equal(a, b.to(value_dtype).float())
+        # the same update given as a full-ratio top-k (every entry, with indices) encodes identically
+        idx = torch.cat([torch.arange(n, dtype=torch.int32) for n in numels])
+        enc2 = encoding.encode(values, idx, offsets, numels, value_dtype, drop_zeros=True)
+        for f in ("kinds", "counts", "values", "index", "mask"):
+            assert torch.equal(getattr(enc, f), getattr(enc2, f)), f
+    # a partial segment drops its zeros whatever their number
+    v, i, o = torch.tensor([0.5, 0.0, 2.0]), torch.tensor([3, 7, 9], dtype=torch.int32), torch.tensor([0, 3])
+    enc = encoding.encode(v, i, o, [10], drop_zeros=True)
+    assert enc.counts.tolist() == [2] and enc.values.tolist() == [0.5, 2.0]

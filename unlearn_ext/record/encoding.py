@@ -16,6 +16,11 @@ FULL       0 (indices are 0..n-1)                      k == n (a dense layer)
 Values are stored in segment order whatever the kind, cast to the store's value dtype. Encoding and
 decoding are vectorised over all segments (any number of stored updates at once) and run on the device
 of their inputs.
+
+With ``drop_zeros=True`` (what the stores use) entries whose value is exactly zero — coordinates the step
+did not change — are left out wherever that makes the segment smaller: always for a partial segment, and
+for a whole layer unless only a few of its entries are zero (then FULL with those zeros is smaller than a
+bitmask). A layer that did not change at all becomes EMPTY.
 """
 from __future__ import annotations
 
@@ -104,13 +109,94 @@ def _shifts(device) -> Tensor:
     return _SHIFTS[device]
 
 
+def all_finite(t: Tensor) -> bool:
+    """No NaN or infinity in ``t`` (one min/max pass: NaN propagates, ±inf is an extreme; several times
+    faster than ``isfinite(t).all()`` on the CPU)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def segment_nbytes(count: int, numel: int, value_itemsize: int) -> int:
+    """Bytes of a segment of ``count`` entries of a layer of ``numel`` (values + structure)."""
+    return count * value_itemsize + structure_nbytes(choose_kind(count, numel), count, numel)
+
+
+def _pack_bits(flags: Tensor) -> Tensor:
+    """A bool vector as bytes, bit i of byte j for entry 8j+i (zero-padded to whole bytes)."""
+    n = flags.numel()
+    bits = torch.zeros(8 * mask_nbytes(n), dtype=torch.uint8, device=flags.device)
+    bits[:n] = flags
+    return torch.sum(bits.view(-1, 8) << _shifts(flags.device), dim=1, dtype=torch.uint8)
+
+
+def _encode_dense_without_zeros(values: Tensor, nonzero: Tensor, offsets: Tensor, seg_numels: Sequence[int],
+                                value_dtype: torch.dtype) -> "Encoded":
+    """Encode whole layers (``indices=None``), leaving out zero entries where that is smaller."""
+    device, itemsize = values.device, value_dtype.itemsize
+    off = offsets.tolist()
+    kinds, counts, vals, index, masks = [], [], [], [], []
+    for s, n in enumerate(seg_numels):
+        seg, nz = values[off[s]:off[s + 1]], nonzero[off[s]:off[s + 1]]
+        z = int(torch.count_nonzero(nz))
+        if z == n or segment_nbytes(n, n, itemsize) < segment_nbytes(z, n, itemsize):
+            kinds.append(FULL)
+            counts.append(n)
+            vals.append(seg)
+            continue
+        kind = choose_kind(z, n)
+        kinds.append(kind)
+        counts.append(z)
+        if z:
+            vals.append(seg[nz])
+        if kind == INDEX:
+            index.append(nz.nonzero().view(-1).to(torch.int32))
+        elif kind == BITMASK:
+            masks.append(_pack_bits(nz))
+    cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt, device=device)  # noqa: E731
+    return Encoded(torch.tensor(kinds, dtype=torch.uint8, device=device),
+                   torch.tensor(counts, dtype=torch.int64, device=device),
+                   cat(vals, values.dtype).to(value_dtype).contiguous(), cat(index, torch.int32),
+                   cat(masks, torch.uint8))
+
+
+def _drop_zero_entries(values: Tensor, indices: Tensor, offsets: Tensor, nonzero: Tensor,
+                       seg_numels: Sequence[int], itemsize: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Leave out the zero entries of sparse segments where that makes the segment smaller."""
+    counts = offsets.diff()
+    seg_of = torch.repeat_interleave(torch.arange(len(counts), device=values.device), counts,
+                                     output_size=values.numel())
+    zs = torch.zeros(len(counts), dtype=torch.int64, device=values.device).index_add_(0, seg_of,
+                                                                                       nonzero.to(torch.int64))
+    keep_all = [segment_nbytes(c, n, itemsize) < segment_nbytes(z, n, itemsize)
+                for c, z, n in zip(counts.tolist(), zs.tolist(), seg_numels)]
+    keep = nonzero
+    if any(keep_all):
+        keep = nonzero | torch.tensor(keep_all, device=values.device)[seg_of]
+    kept = torch.zeros(len(keep) + 1, dtype=torch.int64, device=keep.device)
+    torch.cumsum(keep, 0, out=kept[1:])
+    return values[keep], indices[keep], kept[offsets]
+
+
 def encode(values: Tensor, indices: Optional[Tensor], offsets: Tensor, numels: Sequence[int],
-           value_dtype: torch.dtype = torch.float32) -> Encoded:
+           value_dtype: torch.dtype = torch.float32, drop_zeros: bool = False) -> Encoded:
     """Encode one or more updates of ``len(numels)`` layers each.
 
     ``indices=None`` means every entry of every layer is present (a dense update: ``values`` is the
-    concatenation of the flattened layers and ``offsets`` their cumulative sizes).
+    concatenation of the flattened layers and ``offsets`` their cumulative sizes). ``drop_zeros``: leave
+    out exact zeros where that is smaller (module docstring).
     """
+    if drop_zeros and int(torch.count_nonzero(values)) != values.numel():
+        nonzero = values != 0
+        n_segs = offsets.numel() - 1
+        if n_segs % len(numels):
+            raise ValueError(f"offsets has {n_segs} segments, not a multiple of {len(numels)} layers")
+        seg_numels = list(numels) * (n_segs // len(numels))
+        if indices is None:
+            return _encode_dense_without_zeros(values, nonzero, offsets, seg_numels, value_dtype)
+        values, indices, offsets = _drop_zero_entries(values, indices, offsets, nonzero, seg_numels,
+                                                      value_dtype.itemsize)
     device = values.device
     off = offsets.tolist()
     counts = [b - a for a, b in zip(off[:-1], off[1:])]
@@ -126,19 +212,26 @@ def encode(values: Tensor, indices: Optional[Tensor], offsets: Tensor, numels: S
     if indices is None or all(k in (EMPTY, FULL) for k in kinds):
         return Encoded(kinds_t, counts_t, vals, empty_i32, empty_u8)
 
-    entry_kind = torch.repeat_interleave(kinds_t, counts_t, output_size=len(indices))
-    index = indices[entry_kind == INDEX] if INDEX in kinds else empty_i32
+    sparse = {k for k, c in zip(kinds, counts) if k in (INDEX, BITMASK)}
+    full_present = FULL in kinds
+    mixed = len(sparse) > 1 or full_present
+    entry_kind = torch.repeat_interleave(kinds_t, counts_t, output_size=len(indices)) if mixed else None
+    index = empty_i32
+    if INDEX in sparse:
+        index = indices[entry_kind == INDEX] if mixed else indices
     mask = empty_u8
-    if BITMASK in kinds:
-        is_bm = entry_kind == BITMASK
+    if BITMASK in sparse:
         seg_bytes = torch.tensor([mask_nbytes(n) if k == BITMASK else 0 for k, n in zip(kinds, seg_numels)],
                                  dtype=torch.int64, device=device)
-        bit_base = 8 * torch.repeat_interleave(_exclusive_cumsum(seg_bytes), counts_t,
-                                               output_size=len(indices))
-        bits = torch.zeros(8 * int(seg_bytes.sum()), dtype=torch.uint8, device=device)
-        bits[indices[is_bm].long() + bit_base[is_bm]] = 1
-        # Pack 8 bits a byte, least significant first (each byte sums distinct powers of two).
-        mask = torch.sum(bits.view(-1, 8) << _shifts(device), dim=1, dtype=torch.uint8)
+        bit_base = 8 * torch.repeat_interleave(_exclusive_cumsum(seg_bytes), counts_t, output_size=len(indices))
+        pos = indices.long() + bit_base
+        if mixed:
+            pos = pos[entry_kind == BITMASK]
+        # Bit p of the masks is bit p % 8 of byte p // 8; the bits of one byte are distinct powers of two,
+        # so adding them sets them (O(kept entries), no n-sized temporary).
+        mask = torch.zeros(int(seg_bytes.sum()), dtype=torch.uint8, device=device)
+        mask.index_add_(0, pos >> 3, torch.bitwise_left_shift(torch.ones((), dtype=torch.uint8, device=device),
+                                                              (pos & 7).to(torch.uint8)))
     return Encoded(kinds_t, counts_t, vals, index.contiguous(), mask)
 
 

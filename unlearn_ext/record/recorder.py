@@ -17,7 +17,8 @@ Entering ``step`` copies θ into one preallocated flat buffer; leaving it record
   which selects on the difference without materialising it (partial amnesiac).
 
 Only the entries that changed are stored: exact zeros of Δ (a layer without gradient, a frozen row, an
-entry the optimizer left alone) are dropped, so an unchanged layer is a zero-length segment. The layers
+entry the optimizer left alone) are dropped wherever that makes the record smaller, so an unchanged layer
+is a zero-length segment (a dense layer with only a few zeros stays dense: a bitmask would cost more). The layers
 are the trainable parameters (``requires_grad``) in ``named_parameters`` order; they must share one dtype
 and device (mixed-precision training keeps fp32 master weights, which is what is recorded).
 
@@ -42,7 +43,6 @@ from torch import nn
 
 from .. import ops
 from ..ops import checks
-from .encoding import local_positions
 from .store import Manifest, MemoryStore, UpdateStore, as_id_tensor, unwrap_model
 
 Tensor = torch.Tensor
@@ -50,19 +50,6 @@ Tensor = torch.Tensor
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _drop_zeros(values: Tensor, indices: Optional[Tensor], offsets: Tensor):
-    """The entries with a non-zero value; ``indices=None`` (every entry of every layer) stays None when
-    nothing is dropped."""
-    keep = values != 0
-    if bool(keep.all()):
-        return values, indices, offsets
-    if indices is None:
-        indices = local_positions(offsets.diff()).to(torch.int32)
-    kept = torch.zeros(len(keep) + 1, dtype=torch.int64, device=keep.device)
-    torch.cumsum(keep, 0, out=kept[1:])
-    return values[keep], indices[keep], kept[offsets]
 
 
 class UpdateRecorder:
@@ -128,7 +115,9 @@ class UpdateRecorder:
             else:
                 values, indices, offsets = ops.layerwise_topk([p.detach() for p in self._params], self.keep_ratio,
                                                               subtract=self._before_views)
-            self.store.append(self.step_count, ids, *_drop_zeros(values, indices, offsets))
+            # layerwise_topk's output is well-formed: the store skips the structural checks
+            # (values are still checked finite); it drops exact zeros where that is smaller.
+            self.store.append(self.step_count, ids, values, indices, offsets, validate=False)
 
 
 __all__ = ["UpdateRecorder"]

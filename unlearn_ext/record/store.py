@@ -258,7 +258,7 @@ def _as_step(step) -> int:
 
 
 def check_update(numels: Sequence[int], values: Tensor, indices: Optional[Tensor],
-                 offsets: Tensor) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+                 offsets: Tensor, check_finite: bool = True) -> Tuple[Tensor, Optional[Tensor], Tensor]:
     """Validate an update of ``len(numels)`` layers in the format of :func:`unlearn_ext.ops.layerwise_topk`
     (or ``indices=None``: dense) and return it with int32 indices and int64 offsets; ``ValueError``
     naming the first problem otherwise."""
@@ -305,7 +305,7 @@ def check_update(numels: Sequence[int], values: Tensor, indices: Optional[Tensor
             if bool(((idx[1:] <= idx[:-1]) & (seg[1:] == seg[:-1])).any()):
                 raise ValueError("indices must be strictly ascending within each layer")
         indices = indices.to(torch.int32)
-    if not bool(torch.isfinite(values).all()):
+    if check_finite and not encoding.all_finite(values):
         raise ValueError("values hold NaN or infinity: such an update cannot be removed later")
     return values, indices, offsets
 
@@ -377,21 +377,30 @@ class UpdateStore:
             if mine != theirs:
                 raise ValueError(f"{self!r} was recorded with {attr}={mine!r}; the recorder uses {theirs!r}")
 
-    def append(self, step: int, sample_ids, values: Tensor, indices: Optional[Tensor], offsets: Tensor) -> None:
+    def append(self, step: int, sample_ids, values: Tensor, indices: Optional[Tensor], offsets: Tensor,
+               validate: bool = True) -> None:
         """Append the update of optimizer step ``step`` (greater than every stored step) made by the
         samples ``sample_ids``: segments as :func:`unlearn_ext.ops.layerwise_topk` returns them (L+1
         offsets), or ``indices=None`` for a dense update holding every entry of every layer.
-        Everything is checked before anything is stored: a refused call (``ValueError``) writes nothing."""
+        Entries exactly zero are left out wherever that makes the record smaller.
+
+        Everything is checked before anything is stored: a refused call (``ValueError``) writes nothing.
+        ``validate=False`` skips the structural checks of input known to be well-formed (the recorder
+        passes ``layerwise_topk``'s output); the step, ids and finiteness are still checked."""
         m = self._manifest()
         step = _as_step(step)
         if self._recs and step <= self._recs[-1].step:
             raise ValueError(f"steps must increase: got {step} after {self._recs[-1].step}")
         ids = as_id_tensor(sample_ids)
-        values, indices, offsets = check_update(m.numels, values, indices, offsets)
-        enc = encoding.encode(values, indices, offsets, m.numels, m.torch_value_dtype).to("cpu")
-        if m.torch_value_dtype != values.dtype and not bool(torch.isfinite(enc.values).all()):
+        if validate:
+            values, indices, offsets = check_update(m.numels, values, indices, offsets, check_finite=False)
+        enc = encoding.encode(values, indices, offsets, m.numels, m.torch_value_dtype, drop_zeros=True)
+        if not encoding.all_finite(enc.values):  # one pass: NaN/inf given, or overflow by the cast
+            if not encoding.all_finite(values):
+                raise ValueError("values hold NaN or infinity: such an update cannot be removed later")
             raise ValueError(f"the update overflows the store's value dtype {m.value_dtype} "
                              f"(largest |value| {float(values.abs().max()):.4g})")
+        enc = enc.to("cpu")
         kinds, counts = enc.kinds.tolist(), enc.counts.tolist()
         sizes = encoding.nbytes_by_kind(kinds, counts, m.numels, enc.values.element_size())
         sizes["metadata"] = _record_overhead(ids.numel(), len(kinds))
@@ -494,6 +503,11 @@ class UpdateStore:
     def nbytes(self) -> int:
         """Bytes the store holds, in the on-disk format (a DiskStore's file size once flushed)."""
         return sum(self.encoding_nbytes().values())
+
+    def record_nbytes(self) -> List[int]:
+        """Bytes of each record in the on-disk format (header, step, ids, kinds, counts and payload);
+        with the file header and manifest they sum to :meth:`nbytes`."""
+        return [sum(r.nbytes.values()) for r in self._recs]
 
     def dense_equivalent_nbytes(self) -> int:
         """Bytes the same records would take as dense updates in the layers' dtypes (naive amnesiac)."""
