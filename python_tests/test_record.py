@@ -22,6 +22,15 @@ from unlearn_ext.train import TrainConfig, train  # noqa: E402
 NUMELS = [1, 7, 8, 9, 64, 100, 1000, 4097]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small tensors: one intra-op thread avoids OpenMP oversubscription on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _random_update(numels, densities, gen):
     """(values, indices, offsets) with round(d·n) entries per layer at random ascending positions."""
     values, indices, offsets = [], [], [0]

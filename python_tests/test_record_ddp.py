@@ -4,6 +4,7 @@ sample ids of *both* ranks' halves of the batch — and the other ranks write no
 the one a single process records on the whole batches."""
 import warnings
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -17,6 +18,15 @@ from unlearn_ext.data.core import IndexedTensorDataset  # noqa: E402
 from unlearn_ext.record import DiskStore, UpdateRecorder  # noqa: E402
 
 RATIO = 0.25
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small tensors: one intra-op thread avoids OpenMP oversubscription on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _mlp():

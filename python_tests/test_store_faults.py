@@ -30,6 +30,16 @@ _spec.loader.exec_module(fi)
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests move small tensors; one intra-op thread avoids OpenMP oversubscription on a shared
+    machine (the forked children use one thread anyway)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("faults")
