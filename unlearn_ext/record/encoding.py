@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -125,21 +126,31 @@ def segment_nbytes(count: int, numel: int, value_itemsize: int) -> int:
 
 def _pack_bits(flags: Tensor) -> Tensor:
     """A bool vector as bytes, bit i of byte j for entry 8j+i (zero-padded to whole bytes)."""
+    if flags.device.type == "cpu":
+        return torch.from_numpy(np.packbits(flags.numpy(), bitorder="little"))
     n = flags.numel()
     bits = torch.zeros(8 * mask_nbytes(n), dtype=torch.uint8, device=flags.device)
     bits[:n] = flags
     return torch.sum(bits.view(-1, 8) << _shifts(flags.device), dim=1, dtype=torch.uint8)
 
 
-def _encode_dense_without_zeros(values: Tensor, nonzero: Tensor, offsets: Tensor, seg_numels: Sequence[int],
+def _positions(flags: Tensor) -> Tensor:
+    """int64 positions of the True entries of a bool vector (numpy's loop on the CPU: several times
+    faster than torch's boolean indexing there)."""
+    if flags.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(flags.numpy()))
+    return flags.nonzero().view(-1)
+
+
+def _encode_dense_without_zeros(values: Tensor, offsets: Tensor, seg_numels: Sequence[int],
                                 value_dtype: torch.dtype) -> "Encoded":
     """Encode whole layers (``indices=None``), leaving out zero entries where that is smaller."""
     device, itemsize = values.device, value_dtype.itemsize
     off = offsets.tolist()
     kinds, counts, vals, index, masks = [], [], [], [], []
     for s, n in enumerate(seg_numels):
-        seg, nz = values[off[s]:off[s + 1]], nonzero[off[s]:off[s + 1]]
-        z = int(torch.count_nonzero(nz))
+        seg = values[off[s]:off[s + 1]]
+        z = int(torch.count_nonzero(seg))
         if z == n or segment_nbytes(n, n, itemsize) < segment_nbytes(z, n, itemsize):
             kinds.append(FULL)
             counts.append(n)
@@ -148,12 +159,15 @@ def _encode_dense_without_zeros(values: Tensor, nonzero: Tensor, offsets: Tensor
         kind = choose_kind(z, n)
         kinds.append(kind)
         counts.append(z)
-        if z:
-            vals.append(seg[nz])
+        if z == 0:
+            continue
+        nz = seg != 0
+        pos = _positions(nz)
+        vals.append(seg.index_select(0, pos.to(device)))
         if kind == INDEX:
-            index.append(nz.nonzero().view(-1).to(torch.int32))
-        elif kind == BITMASK:
-            masks.append(_pack_bits(nz))
+            index.append(pos.to(device=device, dtype=torch.int32))
+        else:
+            masks.append(_pack_bits(nz).to(device))
     cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt, device=device)  # noqa: E731
     return Encoded(torch.tensor(kinds, dtype=torch.uint8, device=device),
                    torch.tensor(counts, dtype=torch.int64, device=device),
@@ -161,9 +175,10 @@ def _encode_dense_without_zeros(values: Tensor, nonzero: Tensor, offsets: Tensor
                    cat(masks, torch.uint8))
 
 
-def _drop_zero_entries(values: Tensor, indices: Tensor, offsets: Tensor, nonzero: Tensor,
+def _drop_zero_entries(values: Tensor, indices: Tensor, offsets: Tensor,
                        seg_numels: Sequence[int], itemsize: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Leave out the zero entries of sparse segments where that makes the segment smaller."""
+    nonzero = values != 0
     counts = offsets.diff()
     seg_of = torch.repeat_interleave(torch.arange(len(counts), device=values.device), counts,
                                      output_size=values.numel())
@@ -176,7 +191,8 @@ def _drop_zero_entries(values: Tensor, indices: Tensor, offsets: Tensor, nonzero
         keep = nonzero | torch.tensor(keep_all, device=values.device)[seg_of]
     kept = torch.zeros(len(keep) + 1, dtype=torch.int64, device=keep.device)
     torch.cumsum(keep, 0, out=kept[1:])
-    return values[keep], indices[keep], kept[offsets]
+    pos = _positions(keep).to(values.device)
+    return values.index_select(0, pos), indices.index_select(0, pos), kept[offsets]
 
 
 def encode(values: Tensor, indices: Optional[Tensor], offsets: Tensor, numels: Sequence[int],
@@ -188,15 +204,13 @@ def encode(values: Tensor, indices: Optional[Tensor], offsets: Tensor, numels: S
     out exact zeros where that is smaller (module docstring).
     """
     if drop_zeros and int(torch.count_nonzero(values)) != values.numel():
-        nonzero = values != 0
         n_segs = offsets.numel() - 1
         if n_segs % len(numels):
             raise ValueError(f"offsets has {n_segs} segments, not a multiple of {len(numels)} layers")
         seg_numels = list(numels) * (n_segs // len(numels))
         if indices is None:
-            return _encode_dense_without_zeros(values, nonzero, offsets, seg_numels, value_dtype)
-        values, indices, offsets = _drop_zero_entries(values, indices, offsets, nonzero, seg_numels,
-                                                      value_dtype.itemsize)
+            return _encode_dense_without_zeros(values, offsets, seg_numels, value_dtype)
+        values, indices, offsets = _drop_zero_entries(values, indices, offsets, seg_numels, value_dtype.itemsize)
     device = values.device
     off = offsets.tolist()
     counts = [b - a for a, b in zip(off[:-1], off[1:])]
@@ -278,7 +292,10 @@ def _decode_bits(enc: Encoded, numels: Sequence[int]) -> Tensor:
     if len(bit_ends) == 0 or int(bit_ends[-1]) != 8 * enc.mask.numel():
         raise ValueError(f"encoded update is inconsistent: {enc.mask.numel()} mask bytes do not match "
                          "the bitmask layers' sizes")
-    pos = ((enc.mask.unsqueeze(1) >> _shifts(device)) & 1).view(-1).nonzero().view(-1)
+    if device.type == "cpu":
+        pos = torch.from_numpy(np.flatnonzero(np.unpackbits(enc.mask.numpy(), bitorder="little")))
+    else:
+        pos = ((enc.mask.unsqueeze(1) >> _shifts(device)) & 1).view(-1).nonzero().view(-1)
     seg = torch.searchsorted(bit_ends, pos, right=True)
     local = pos - (bit_ends - seg_bits)[seg]
     per_seg = torch.bincount(seg, minlength=len(seg_bits))

@@ -76,7 +76,7 @@ class UpdateRecorder:
         if self.enabled:
             self.store.bind(self.manifest)
         self.step_count = self.store.next_step if self.enabled else 0
-        numels = [p.numel() for p in self._params]
+        numels = self._numels = [p.numel() for p in self._params]
         self._offsets = torch.tensor([0] + numels, dtype=torch.int64, device=p0.device).cumsum(0)
         self._before: Optional[Tensor] = None
         self._before_views: List[Tensor] = []
@@ -110,7 +110,10 @@ class UpdateRecorder:
     def _record(self, ids: Tensor) -> None:
         with torch.no_grad():
             if self.keep_ratio is None:
-                values = torch.cat([p.detach().reshape(-1) for p in self._params]).sub_(self._before)
+                # Δ = θ_after − θ_before written layer by layer into one flat tensor (one pass).
+                values = torch.empty_like(self._before)
+                for p, b, out in zip(self._params, self._before_views, values.split(self._numels)):
+                    torch.sub(p.detach().reshape(-1), b.reshape(-1), out=out)
                 indices, offsets = None, self._offsets
             else:
                 values, indices, offsets = ops.layerwise_topk([p.detach() for p in self._params], self.keep_ratio,
