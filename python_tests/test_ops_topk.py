@@ -280,3 +280,18 @@ def test_opcheck(compiled_backend, op_device, dtype, seed):
     torch.library.opcheck(torch.ops.unlearn_ext.layerwise_topk.default, (xs, 0.3, True, None))
     torch.library.opcheck(torch.ops.unlearn_ext.layerwise_topk.default, (xs, 0.3, False, ss))
     torch.library.opcheck(torch.ops.unlearn_ext.layerwise_topk_mask.default, (xs, 0.5, True))
+
+
+@pytest.mark.parametrize("n", (2**14, 100003))
+@pytest.mark.parametrize("largest", (True, False))
+def test_unrepresentative_sample_still_exact(n, largest):
+    """The CPU kernel brackets a big layer's threshold from 256 blocks of 16 evenly spaced entries; a layer
+    whose sampled blocks look nothing like the rest must fall back to the exact radix select."""
+    starts = [b * (n - 16) // 255 for b in range(256)]
+    sampled = torch.zeros(n, dtype=torch.bool)
+    for s in starts:
+        sampled[s:s + 16] = True
+    for inside, outside in ((0.0, 1.0), (5.0, 1.0), (1.0, torch.rand(n).add(0.5))):
+        x = torch.where(sampled, torch.full((n,), inside), outside * torch.ones(n))
+        for ratio in (0.01, 0.1, 0.5):
+            _assert_same(ops.layerwise_topk([x], ratio, largest), reference.layerwise_topk([x], ratio, largest))

@@ -159,10 +159,17 @@ void parallel_dynamic(int64_t n, int64_t work, const F& f) {
 }
 
 // Exact layer-wise selection (SPEC §1.1) over a list of sources, computed up front so that the op can
-// refuse NaN/Inf before it writes anything. Three passes: a histogram of the leading 11-bit digit per
-// layer; one scan that counts per item the entries above the threshold digit and collects the keys in
-// it (usually a few % of the layer); the remaining two digits resolved on those keys alone. What is left
-// per item (how many threshold-equal entries it takes) lets every item be written independently.
+// refuse NaN/Inf before it writes anything. Big layers (>= kSampleMin elements) first bracket their
+// threshold from a sample of 4096 keys (256 cache-line blocks), then one full pass counts the entries
+// above the bracket and collects the keys inside it (a few % of the layer); the exact threshold is
+// resolved on those keys alone, so each value is read twice in all (this pass and the output pass). A
+// bracket that misses (possible, not likely) and small layers use a 3-digit radix select instead: a
+// histogram of the leading 11-bit digit, one scan collecting the keys in the threshold digit, the last
+// two digits resolved on those keys. What is left per item (how many threshold-equal entries it takes)
+// lets every item be written independently.
+constexpr int64_t kSampleMin = int64_t{1} << 14;
+constexpr int64_t kSampleBlocks = 256, kSampleBlock = 16;
+
 class LayerwiseSelection {
  public:
   // Throws ValueError "<op>: <arg>[l] contains NaN or Inf" for the first such layer.
@@ -174,26 +181,43 @@ class LayerwiseSelection {
   int64_t kept_in_item(int64_t j) const { return items_[j].strict + items_[j].take; }
 
   // f(i, v, selected) for each element i of item j in index order; v is the reader's float value.
+  // Only the (at most one per layer) item that takes some but not all of its threshold-equal entries
+  // needs the ordered tie walk; every other item is a plain comparison, which vectorises.
   template <class Reader, class F>
   void scan(int64_t j, const Reader& val, const F& f) const {
     const Item& it = plan_.items[j];
     const Layer& lay = layers_[it.layer];
-    if (lay.all) {
+    if (lay.mode == kAll) {
       for (int64_t i = it.begin; i < it.end; ++i) f(i, val(i), true);
       return;
     }
     const uint32_t th = lay.th.threshold;
+    const bool largest = largest_;
     int64_t take = items_[j].take;
-    for (int64_t i = it.begin; i < it.end; ++i) {
-      const float v = val(i);
-      f(i, v, take_selected(rank_key(abs_key(v), largest_), th, take));
+    if (take == 0) {
+      for (int64_t i = it.begin; i < it.end; ++i) {
+        const float v = val(i);
+        f(i, v, rank_key(abs_key(v), largest) > th);
+      }
+    } else if (take >= items_[j].eq) {
+      for (int64_t i = it.begin; i < it.end; ++i) {
+        const float v = val(i);
+        f(i, v, rank_key(abs_key(v), largest) >= th);
+      }
+    } else {
+      for (int64_t i = it.begin; i < it.end; ++i) {
+        const float v = val(i);
+        f(i, v, take_selected(rank_key(abs_key(v), largest), th, take));
+      }
     }
   }
 
  private:
+  enum Mode : uint8_t { kAll, kRadix, kBracket };
   struct Layer {
     int64_t n = 0, k = 0;
-    bool all = false;  // k == n: kept whole, only checked for finiteness
+    Mode mode = kRadix;  // kAll: k == n, kept whole, only checked for finiteness
+    uint32_t lo = 0, hi = 0;  // kBracket: the threshold's rank key is taken to lie in [lo, hi]
     uint32_t hist[kMaxRadixBins] = {};
     std::mutex mu;
     LayerThreshold th{0u, 0};
@@ -203,6 +227,11 @@ class LayerwiseSelection {
     bool nonfinite = false;
     std::vector<uint32_t> cand;
   };
+
+  void sample_bracket(int64_t l);
+  void histogram_item(int64_t j);
+  void collect_digit_item(int64_t j);
+  void bracket_item(int64_t j);
 
   std::vector<Source> sources_;
   bool largest_;

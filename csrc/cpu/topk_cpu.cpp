@@ -2,6 +2,10 @@
 // masked_*_ share.
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <functional>
+
 #include "cpu/common_cpu.h"
 
 namespace unlearn_ext {
@@ -17,6 +21,109 @@ std::vector<int64_t> sizes_of(const std::vector<Source>& sources) {
 
 }  // namespace
 
+// A bracket [lo, hi] of rank keys that holds the layer's threshold with high probability: the keys of a
+// deterministic sample of cache-line blocks spread over the layer, cut a generous margin (6 standard
+// deviations of the sample rank, plus 32) either side of where the threshold falls in the sample. The
+// result stays exact whatever the sample says; a missed bracket only costs the radix passes.
+void LayerwiseSelection::sample_bracket(int64_t l) {
+  Layer& lay = layers_[l];
+  visit_reader(sources_[l], [&](const auto& val) {
+    std::vector<uint32_t> s;
+    s.reserve(kSampleBlocks * kSampleBlock);
+    for (int64_t b = 0; b < kSampleBlocks; ++b) {
+      const int64_t start = b * (lay.n - kSampleBlock) / (kSampleBlocks - 1);
+      for (int64_t i = start; i < start + kSampleBlock; ++i) {
+        const uint32_t a = abs_key(val(i));
+        if (a >= kNonFiniteKey) return;  // stays kRadix; the full pass reports it
+        s.push_back(rank_key(a, largest_));
+      }
+    }
+    const auto m = static_cast<int64_t>(s.size());
+    const double p = static_cast<double>(lay.k) / static_cast<double>(lay.n);
+    const double q = p * static_cast<double>(m);
+    const double margin = 6.0 * std::sqrt(static_cast<double>(m) * p * (1.0 - p)) + 32.0;
+    const auto hi_idx = static_cast<int64_t>(std::floor(q - margin));
+    const auto lo_idx = static_cast<int64_t>(std::ceil(q + margin));
+    if (hi_idx < 0 && lo_idx >= m) return;  // the bracket would be the whole layer
+    uint32_t hi = kKeyMask, lo = 0;  // nothing ranks above kKeyMask; everything is >= 0
+    if (hi_idx >= 0) {
+      std::nth_element(s.begin(), s.begin() + hi_idx, s.end(), std::greater<uint32_t>());
+      hi = s[hi_idx];
+    }
+    if (lo_idx < m) {
+      const int64_t from = hi_idx >= 0 ? hi_idx + 1 : 0;
+      std::nth_element(s.begin() + from, s.begin() + lo_idx, s.end(), std::greater<uint32_t>());
+      lo = s[lo_idx];
+    }
+    lay.lo = lo;
+    lay.hi = hi;
+    lay.mode = kBracket;
+  });
+}
+
+// Radix pass 0 of one item: finiteness, and the histogram of the leading digit into its layer's.
+void LayerwiseSelection::histogram_item(int64_t j) {
+  const Item& it = plan_.items[j];
+  Layer& lay = layers_[it.layer];
+  visit_reader(sources_[it.layer], [&](const auto& val) {
+    // Two histograms for alternate entries: runs of equal digits (common, values cluster) would
+    // otherwise serialise on one counter.
+    uint32_t hist[2][kMaxRadixBins] = {};
+    bool bad = false;
+    for (int64_t i = it.begin; i < it.end; ++i) {
+      const uint32_t a = abs_key(val(i));
+      bad |= a >= kNonFiniteKey;
+      ++hist[i & 1][radix_digit(rank_key(a, largest_), 0)];
+    }
+    items_[j].nonfinite |= bad;
+    std::lock_guard<std::mutex> lock(lay.mu);
+    for (int d = 0; d < radix_bins(0); ++d) lay.hist[d] += hist[0][d] + hist[1][d];
+  });
+}
+
+// Radix pass 1 of one item: entries above the layer's leading threshold digit, and the keys inside it.
+void LayerwiseSelection::collect_digit_item(int64_t j) {
+  const Item& it = plan_.items[j];
+  const Layer& lay = layers_[it.layer];
+  visit_reader(sources_[it.layer], [&](const auto& val) {
+    const uint32_t prefix = lay.th.threshold, mask = radix_prefix_mask(1);
+    uint32_t* cand = item_scratch();
+    int64_t strict = 0, c = 0;
+    for (int64_t i = it.begin; i < it.end; ++i) {
+      const uint32_t rk = rank_key(abs_key(val(i)), largest_);
+      const uint32_t top = rk & mask;
+      strict += top > prefix;
+      cand[c] = rk;
+      c += top == prefix;
+    }
+    items_[j].strict = strict;
+    items_[j].cand.assign(cand, cand + c);
+  });
+}
+
+// The bracket pass of one item: finiteness, entries above the bracket, and the keys inside it.
+void LayerwiseSelection::bracket_item(int64_t j) {
+  const Item& it = plan_.items[j];
+  const Layer& lay = layers_[it.layer];
+  visit_reader(sources_[it.layer], [&](const auto& val) {
+    const uint32_t lo = lay.lo, hi = lay.hi;
+    uint32_t* cand = item_scratch();
+    int64_t strict = 0, c = 0;
+    bool bad = false;
+    for (int64_t i = it.begin; i < it.end; ++i) {
+      const uint32_t a = abs_key(val(i));
+      bad |= a >= kNonFiniteKey;
+      const uint32_t rk = rank_key(a, largest_);
+      strict += rk > hi;
+      cand[c] = rk;
+      c += (rk >= lo) & (rk <= hi);
+    }
+    items_[j].nonfinite |= bad;
+    items_[j].strict = strict;
+    items_[j].cand.assign(cand, cand + c);
+  });
+}
+
 LayerwiseSelection::LayerwiseSelection(std::vector<Source> sources, double ratio, bool largest, const char* op,
                                        const char* arg)
     : sources_(std::move(sources)),
@@ -25,82 +132,93 @@ LayerwiseSelection::LayerwiseSelection(std::vector<Source> sources, double ratio
       layers_(sources_.size()),
       items_(plan_.items.size()) {
   const int64_t L = static_cast<int64_t>(sources_.size());
+  std::vector<int64_t> sampled;
   for (int64_t l = 0; l < L; ++l) {
     Layer& lay = layers_[l];
     lay.n = sources_[l].x.numel();
     lay.k = keep_count(lay.n, ratio);
-    lay.all = lay.k == lay.n;
-    if (lay.all) lay.th = select_all(lay.n);
+    if (lay.k == lay.n) {
+      lay.mode = kAll;
+      lay.th = select_all(lay.n);
+    } else if (lay.n >= kSampleMin) {
+      sampled.push_back(l);
+    }
   }
+  const auto n_sampled = static_cast<int64_t>(sampled.size());
+  parallel_dynamic(n_sampled, n_sampled * kSampleBlocks * kSampleBlock,
+                   [&](int64_t b) { sample_bracket(sampled[b]); });
 
-  // Pass 0: finiteness, and the histogram of the leading digit of layers not kept whole.
+  // One pass over everything: finiteness; the bracket pass or the radix histogram.
   parallel_dynamic(plan_.size(), plan_.total, [&](int64_t j) {
     const Item& it = plan_.items[j];
-    Layer& lay = layers_[it.layer];
-    visit_reader(sources_[it.layer], [&](const auto& val) {
-      bool bad = false;
-      if (lay.all) {
+    const Layer& lay = layers_[it.layer];
+    if (lay.mode == kAll) {
+      visit_reader(sources_[it.layer], [&](const auto& val) {
+        bool bad = false;
         for (int64_t i = it.begin; i < it.end; ++i) bad |= abs_key(val(i)) >= kNonFiniteKey;
-      } else {
-        // Two histograms for alternate entries: runs of equal digits (common, values cluster) would
-        // otherwise serialise on one counter.
-        uint32_t hist[2][kMaxRadixBins] = {};
-        for (int64_t i = it.begin; i < it.end; ++i) {
-          const uint32_t a = abs_key(val(i));
-          bad |= a >= kNonFiniteKey;
-          ++hist[i & 1][radix_digit(rank_key(a, largest_), 0)];
-        }
-        std::lock_guard<std::mutex> lock(lay.mu);
-        for (int d = 0; d < radix_bins(0); ++d) lay.hist[d] += hist[0][d] + hist[1][d];
-      }
-      items_[j].nonfinite = bad;
-    });
+        items_[j].nonfinite = bad;
+      });
+      items_[j].take = it.end - it.begin;
+    } else if (lay.mode == kBracket) {
+      bracket_item(j);
+    } else {
+      histogram_item(j);
+    }
   });
   for (int64_t j = 0; j < plan_.size(); ++j) {
     TORCH_CHECK_VALUE(!items_[j].nonfinite, op, ": ", arg, "[", plan_.items[j].layer,
                       "] contains NaN or Inf; cannot select from it");
   }
 
-  // Leading digit per layer; th.take_equal carries the count still needed inside the digit.
+  // Brackets that missed the threshold fall back to the radix select (one more histogram pass).
+  std::vector<int64_t> redo;
+  for (int64_t l = 0; l < L; ++l) {
+    Layer& lay = layers_[l];
+    if (lay.mode != kBracket) continue;
+    int64_t above = 0, inside = 0;
+    for (int64_t j = plan_.first_item[l]; j < plan_.first_item[l + 1]; ++j) {
+      above += items_[j].strict;
+      inside += static_cast<int64_t>(items_[j].cand.size());
+    }
+    if (above < lay.k && lay.k <= above + inside) {
+      lay.th = LayerThreshold{0u, lay.k - above};  // still needed from inside the bracket
+    } else {
+      lay.mode = kRadix;
+      for (int64_t j = plan_.first_item[l]; j < plan_.first_item[l + 1]; ++j) {
+        items_[j].strict = 0;
+        std::vector<uint32_t>().swap(items_[j].cand);
+        redo.push_back(j);
+      }
+    }
+  }
+  const auto n_redo = static_cast<int64_t>(redo.size());
+  parallel_dynamic(n_redo, n_redo * kChunk, [&](int64_t r) { histogram_item(redo[r]); });
+
+  // Leading digit of each radix layer; th.take_equal carries the count still needed inside the digit.
   for (Layer& lay : layers_) {
-    if (lay.all) continue;
+    if (lay.mode != kRadix) continue;
     int64_t need = lay.k, above = 0;
     const int d = radix_find_digit(lay.hist, radix_bins(0), need, above);
     lay.th = LayerThreshold{static_cast<uint32_t>(d) << radix_shift(0), need};
   }
+  // Radix pass 1 over the items of radix layers: entries above the leading digit, the keys inside it.
+  std::vector<int64_t> radix_items;
+  for (int64_t j = 0; j < plan_.size(); ++j)
+    if (layers_[plan_.items[j].layer].mode == kRadix) radix_items.push_back(j);
+  const auto n_radix = static_cast<int64_t>(radix_items.size());
+  int64_t radix_work = 0;
+  for (int64_t j : radix_items) radix_work += plan_.items[j].end - plan_.items[j].begin;
+  parallel_dynamic(n_radix, radix_work, [&](int64_t r) { collect_digit_item(radix_items[r]); });
 
-  // Pass 1: per item, entries above the leading digit, and the keys inside it.
-  parallel_dynamic(plan_.size(), plan_.total, [&](int64_t j) {
-    const Item& it = plan_.items[j];
-    const Layer& lay = layers_[it.layer];
-    if (lay.all) {
-      items_[j].take = it.end - it.begin;
-      return;
-    }
-    visit_reader(sources_[it.layer], [&](const auto& val) {
-      const uint32_t prefix = lay.th.threshold, mask = radix_prefix_mask(1);
-      uint32_t* cand = item_scratch();
-      int64_t strict = 0, c = 0;
-      for (int64_t i = it.begin; i < it.end; ++i) {
-        const uint32_t rk = rank_key(abs_key(val(i)), largest_);
-        const uint32_t top = rk & mask;
-        strict += top > prefix;
-        cand[c] = rk;
-        c += top == prefix;
-      }
-      items_[j].strict = strict;
-      items_[j].cand.assign(cand, cand + c);
-    });
-  });
-
-  // The last two digits of each layer from its collected keys, then each item's share of the ties.
+  // The exact threshold of each layer from its collected keys (radix: the last two digits; bracket: all
+  // three), then each item's share of the ties.
   parallel_dynamic(L, plan_.total, [&](int64_t l) {
     Layer& lay = layers_[l];
-    if (lay.all) return;
+    if (lay.mode == kAll) return;
     const int64_t j0 = plan_.first_item[l], j1 = plan_.first_item[l + 1];
     uint32_t prefix = lay.th.threshold;
     int64_t need = lay.th.take_equal;
-    for (int pass = 1; pass < kRadixPasses; ++pass) {
+    for (int pass = lay.mode == kBracket ? 0 : 1; pass < kRadixPasses; ++pass) {
       uint32_t hist[kMaxRadixBins] = {};
       for (int64_t j = j0; j < j1; ++j)
         for (uint32_t rk : items_[j].cand)
