@@ -14,8 +14,8 @@ Baselines (what a user writes without the extension):
                          of |grad| selected inside the op; plus the plain SGD step with no mask at all
   masked_adam_           grad.mul_(mask) + torch.optim.AdamW(foreach=True).step()
 
-Medians of `--reps` timed runs after warm-up, both sides measured in the same run, speed-up = baseline /
-ours. On CUDA also the achieved GB/s of ours against a minimal count of bytes moved (each input read
+Medians of `--reps` timed rounds after a warm-up, ours and the baseline run interleaved in the same
+rounds (so load from other processes hits both alike), speed-up = baseline median / ours median. On CUDA also the achieved GB/s of ours against a minimal count of bytes moved (each input read
 once, each output written once).
 """
 from __future__ import annotations
@@ -64,23 +64,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def timeit(fn, device, reps: int, warmup: int = 1, setup=None) -> float:
-    """Median seconds of `reps` runs of fn() (setup() before each run, untimed)."""
+def measure(fns: dict, device, reps: int, warmup: int = 3) -> dict:
+    """Median seconds of each fn over `reps` rounds. The fns run interleaved (one of each per round, in a
+    rotating order), so load from other processes on a shared machine hits all sides alike."""
+    names = list(fns)
     for _ in range(warmup):
-        if setup:
-            setup()
-        fn()
+        for name in names:
+            fns[name]()
     _sync(device)
-    times = []
-    for _ in range(reps):
-        if setup:
-            setup()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {name: [] for name in names}
+    for r in range(reps):
+        for q in range(len(names)):
+            name = names[(q + r) % len(names)]
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 # ---- baselines -------------------------------------------------------------------------------------
@@ -143,17 +144,20 @@ def bench_model(name, shapes, device, ratios, reps, dtype=torch.float32):
 
     for ratio in ratios:
         k = sum(ops.keep_count(x.numel(), ratio) for x in xs)
-        ours = timeit(lambda: ops.layerwise_topk(xs, ratio), device, reps)
-        base = timeit(lambda: topk_loop(xs, ratio), device, reps)
+        t = measure({"ours": lambda: ops.layerwise_topk(xs, ratio), "base": lambda: topk_loop(xs, ratio)},
+                    device, reps)
+        ours, base = t["ours"], t["base"]
         row("layerwise_topk", ratio, ours, base, n * es + k * (es + 4), "per-layer torch.topk loop")
 
-        ours = timeit(lambda: ops.layerwise_topk(xs, ratio, subtract=before), device, reps)
-        base = timeit(lambda: topk_sub_loop(xs, before, ratio), device, reps)
+        t = measure({"ours": lambda: ops.layerwise_topk(xs, ratio, subtract=before),
+                     "base": lambda: topk_sub_loop(xs, before, ratio)}, device, reps)
+        ours, base = t["ours"], t["base"]
         row("layerwise_topk(subtract=)", ratio, ours, base, 2 * n * es + k * (es + 4),
             "materialise after-before, per-layer torch.topk loop")
 
-        ours = timeit(lambda: ops.layerwise_topk_mask(xs, ratio), device, reps)
-        base = timeit(lambda: mask_loop(xs, ratio), device, reps)
+        t = measure({"ours": lambda: ops.layerwise_topk_mask(xs, ratio), "base": lambda: mask_loop(xs, ratio)},
+                    device, reps)
+        ours, base = t["ours"], t["base"]
         row("layerwise_topk_mask", ratio, ours, base, n * es + n, "per-layer torch.topk + scatter")
 
         # B stored updates applied at once
@@ -167,8 +171,9 @@ def bench_model(name, shapes, device, ratios, reps, dtype=torch.float32):
         offsets = torch.tensor(offs, dtype=torch.int64, device=device)
         indices_long = indices.long()
         dense = [x.clone() for x in xs]
-        ours = timeit(lambda: ops.sparse_accumulate_(dense, values, indices, offsets, -1.0), device, reps)
-        base = timeit(lambda: index_add_loop(dense, values, indices_long, offs, -1.0), device, reps)
+        t = measure({"ours": lambda: ops.sparse_accumulate_(dense, values, indices, offsets, -1.0),
+                     "base": lambda: index_add_loop(dense, values, indices_long, offs, -1.0)}, device, reps)
+        ours, base = t["ours"], t["base"]
         row(f"sparse_accumulate_ (B={B_UPDATES})", ratio, ours, base, values.numel() * (es + 4 + 2 * es),
             "per-segment index_add_ loop")
 
@@ -188,14 +193,15 @@ def bench_model(name, shapes, device, ratios, reps, dtype=torch.float32):
         for p, g in zip(tparams, grads):
             p.grad = g.clone()
         opt.step()  # creates the momentum buffers
-        base = timeit(salun_sgd, device, reps)
-        plain = timeit(opt.step, device, reps)
-        ours = timeit(lambda: ops.masked_sgd_(params, grads, bufs, masks, 1.0, **SGD_HP), device, reps)
+        t = measure({"base": salun_sgd, "plain": opt.step,
+                     "ours": lambda: ops.masked_sgd_(params, grads, bufs, masks, 1.0, **SGD_HP),
+                     "ours_sel": lambda: ops.masked_sgd_(params, grads, bufs, None, ratio, **SGD_HP),
+                     "base_sel": lambda: (mask_loop(grads, ratio), salun_sgd())}, device, reps)
+        base, plain, ours = t["base"], t["plain"], t["ours"]
         row("masked_sgd_ (masks given)", ratio, ours, base, n * (5 * es + 1), "grad*mask + SGD(foreach) step")
         rows[-1]["vs_plain_sgd"] = ours / plain
         row("  plain SGD(foreach) step, no mask", ratio, plain, None, n * 5 * es, "-")
-        ours = timeit(lambda: ops.masked_sgd_(params, grads, bufs, None, ratio, **SGD_HP), device, reps)
-        base_sel = timeit(lambda: (mask_loop(grads, ratio), salun_sgd()), device, reps)
+        ours, base_sel = t["ours_sel"], t["base_sel"]
         row("masked_sgd_ (top-k of |grad| inside)", ratio, ours, base_sel, n * (5 * es) + n * es,
             "per-layer topk mask + grad*mask + SGD(foreach) step")
         rows[-1]["vs_plain_sgd"] = ours / plain
@@ -213,8 +219,10 @@ def bench_model(name, shapes, device, ratios, reps, dtype=torch.float32):
                 p.grad.copy_(g).mul_(m)
             aopt.step()
 
-        base = timeit(salun_adam, device, reps)
-        ours = timeit(lambda: ops.masked_adam_(params, grads, m1, m2, masks, 1.0, step=5, **ADAM_HP), device, reps)
+        t = measure({"base": salun_adam,
+                     "ours": lambda: ops.masked_adam_(params, grads, m1, m2, masks, 1.0, step=5, **ADAM_HP)},
+                    device, reps)
+        ours, base = t["ours"], t["base"]
         row("masked_adam_ (masks given)", ratio, ours, base, n * (7 * es + 1), "grad*mask + AdamW(foreach) step")
         del upd, values, indices, dense, grads, masks, params, bufs, tparams, opt, m1, m2, aparams, aopt
     return rows
@@ -329,6 +337,10 @@ def main(argv=None):
     for device in devices:
         for name in models:
             rows += bench_model(name, model_shapes(name), device, ratios, reps)
+    try:
+        facts["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        pass
     for t in targets(rows):
         print(t)
     if args.markdown:
