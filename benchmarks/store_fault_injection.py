@@ -8,7 +8,8 @@ Every trial records a small MLP's training run (``UpdateRecorder`` into a ``Disk
 child process. The same run without faults gives the *golden* file of each configuration (dense fp32,
 partial r=10% fp16, r=50% bf16, r=1% fp32; the child runs one thread, so it is deterministic). Faults:
 
-* **kill (time)** — the parent SIGKILLs the child at a uniformly random moment of its run;
+* **kill (time)** — the parent SIGKILLs the child at a uniformly random moment of its run (up to 0.9× the
+  golden run's duration, which includes starting and closing);
 * **kill (byte)** — the child's writer SIGKILLs its own process after a uniformly random number of
   record bytes has reached the file (so a tear lands anywhere: in a header, a body, on a boundary);
 * **corruption** — a copy of a golden file gets random bytes flipped, a block zeroed or overwritten
@@ -325,7 +326,7 @@ def kill_trial(workdir: str, golden: Golden, rng: random.Random, mode: str) -> D
         res = run_child(lambda fd: record_run(path, golden.config, max_pending=max_pending,
                                               flush_every=flush_every, kill_after=budget, report_fd=fd))
     else:
-        delay = rng.uniform(0.0, 1.2 * golden.seconds)
+        delay = rng.uniform(0.0, 0.9 * golden.seconds)  # golden.seconds includes the fork and the close
         res = run_child(lambda fd: record_run(path, golden.config, max_pending=max_pending,
                                               flush_every=flush_every, report_fd=fd), kill_delay=delay)
     if not res.killed:

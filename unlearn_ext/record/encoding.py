@@ -150,7 +150,8 @@ def _encode_dense_without_zeros(values: Tensor, offsets: Tensor, seg_numels: Seq
     kinds, counts, vals, index, masks = [], [], [], [], []
     for s, n in enumerate(seg_numels):
         seg = values[off[s]:off[s + 1]]
-        z = int(torch.count_nonzero(seg))
+        nz = seg != 0
+        z = int(np.count_nonzero(nz.numpy())) if nz.device.type == "cpu" else int(nz.sum())
         if z == n or segment_nbytes(n, n, itemsize) < segment_nbytes(z, n, itemsize):
             kinds.append(FULL)
             counts.append(n)
@@ -161,7 +162,6 @@ def _encode_dense_without_zeros(values: Tensor, offsets: Tensor, seg_numels: Seq
         counts.append(z)
         if z == 0:
             continue
-        nz = seg != 0
         pos = _positions(nz)
         vals.append(seg.index_select(0, pos.to(device)))
         if kind == INDEX:

@@ -10,6 +10,10 @@ Usage — one line around the optimizer step (this is what :func:`unlearn_ext.tr
             opt.step()
     rec.store.close()
 
+    # later: remove every step whose batch held a sample of forget_ids (one batched sparse_accumulate_)
+    store = DiskStore("run.ulx", model=model)          # raises if the file records another model
+    store.apply(model, store.steps_containing(forget_ids), alpha=-1.0)
+
 Entering ``step`` copies θ into one preallocated flat buffer; leaving it records Δ = θ_after − θ_before:
 
 * ``keep_ratio=None`` — the dense update (naive amnesiac);
@@ -18,9 +22,10 @@ Entering ``step`` copies θ into one preallocated flat buffer; leaving it record
 
 Only the entries that changed are stored: exact zeros of Δ (a layer without gradient, a frozen row, an
 entry the optimizer left alone) are dropped wherever that makes the record smaller, so an unchanged layer
-is a zero-length segment (a dense layer with only a few zeros stays dense: a bitmask would cost more). The layers
-are the trainable parameters (``requires_grad``) in ``named_parameters`` order; they must share one dtype
-and device (mixed-precision training keeps fp32 master weights, which is what is recorded).
+is a zero-length segment (a dense layer with only a few zeros stays dense: a bitmask would cost more).
+The layers are the trainable parameters (``requires_grad``) in ``named_parameters`` order; they must
+share one dtype and device (mixed-precision training keeps fp32 master weights, which is what is
+recorded). If the optimizer step raises, nothing is recorded and the step count does not advance.
 
 Steps are numbered by optimizer step (counting the ones not recorded); a recorder on a non-empty store
 continues at ``store.next_step``. With ``only_ids`` (the samples declared deletable), only batches that
@@ -29,8 +34,10 @@ hold one of them are recorded, as amnesiac ML does.
 Distributed data parallel: after DDP's all-reduce every rank applies the same update, so it is recorded
 once, on rank 0. The recorders of the other ranks store nothing; they only contribute their batch's
 sample ids (one ``all_gather_object`` per step, which every rank must make), because the update of a
-step is made by the samples of *all* ranks. Give every rank the same code; a DiskStore is created only
-by the rank that records into it.
+step is made by the samples of *all* ranks; rank 0 stores them in rank order. Give every rank the same
+code (``UpdateRecorder(ddp_model, ..., store=DiskStore(path))``): a DiskStore is created and written only
+by the rank that records into it, so the other ranks' paths stay untouched. Tested with two gloo
+processes on the CPU: rank 0's store equals the one a single process records on the whole batches.
 """
 from __future__ import annotations
 
