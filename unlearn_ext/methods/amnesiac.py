@@ -44,7 +44,13 @@ class NaiveAmnesiac(Method):
     def _run(self, model, forget, retain, store, hp):
         if hp["finetune"] and retain is None:
             raise ValueError(f"{self.name}: finetune=True needs retain= (or pass finetune=False)")
-        steps = store.steps_containing(sample_ids(forget))
+        ids = sample_ids(forget)
+        missing = store.ids_not_recorded(ids)
+        if missing.numel():
+            raise ValueError(f"{self.name}: {missing.numel()} forget id(s) appear in no recorded training step, "
+                             f"e.g. {missing[:5].tolist()}: not training samples of this store's run (or "
+                             "outside its only_ids), so their influence cannot be removed")
+        steps = store.steps_containing(ids)
         applied = store.apply(model, steps, alpha=-1.0)
         manifest = store.manifest
         num_layers = len(manifest.names)

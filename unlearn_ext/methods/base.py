@@ -70,8 +70,10 @@ class Method:
             raise ValueError(f"{self.name}: {reason}")
         if forget is None:
             raise ValueError(f"{self.name}: forget must be a loader of (x, y, sample_id) batches")
-        if self.needs_retain and retain is None:
-            raise ValueError(f"{self.name}: needs retain= (a loader of the retain set)")
+        if _is_empty(forget):
+            raise ValueError(f"{self.name}: the forget set is empty: nothing to unlearn")
+        if self.needs_retain and (retain is None or _is_empty(retain)):
+            raise ValueError(f"{self.name}: needs retain= (a non-empty loader of the retain set)")
         if self.needs_store and store is None:
             raise ValueError(f"{self.name}: needs store= (the update store recorded during training)")
         start = time.perf_counter()
@@ -82,6 +84,15 @@ class Method:
 
     def _run(self, model, forget, retain, store, hp: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def _is_empty(loader) -> bool:
+    """True for a loader (or dataset) known to hold no sample; loaders without a length count as non-empty."""
+    dataset = getattr(loader, "dataset", loader)
+    try:
+        return len(dataset) == 0
+    except TypeError:
+        return False
 
 
 def _plain(hp: dict) -> dict:

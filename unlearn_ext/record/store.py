@@ -432,6 +432,13 @@ class UpdateStore:
         all_ids, step_of = self._id_index
         return torch.unique(step_of[torch.isin(all_ids, as_id_tensor(sample_ids))]).tolist()
 
+    def ids_not_recorded(self, sample_ids) -> Tensor:
+        """The ``sample_ids`` that no stored step holds: their influence cannot be removed from this store
+        (ids outside the training set, or outside ``only_ids`` of the recording)."""
+        ids = as_id_tensor(sample_ids)
+        self.steps_containing(ids[:0])  # builds the id index
+        return ids[~torch.isin(ids, self._id_index[0])]
+
     def sample_ids(self, step: int) -> Tensor:
         return self._recs[self._position(step)].ids
 

@@ -1,0 +1,54 @@
+"""Bad input at the algorithm level: refused with a clear ValueError before anything changes."""
+import copy
+
+import pytest
+import torch
+
+from unlearn_ext import data, models
+from unlearn_ext.methods import available_methods, get_method, unlearn
+from unlearn_ext.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def setting():
+    torch.manual_seed(0)
+    splits = data.load_digits()
+    train_ds = splits.train.subset(torch.arange(300))
+    model = models.make_model("lenet", splits.input_shape, 10)  # conv layers: MSG and CT apply
+    rec = get_method("partial_amnesiac").recorder(model)
+    train(model, data.loader(train_ds, 50, shuffle=True), TrainConfig(epochs=1, batch_size=50), recorders=[rec])
+    return splits, train_ds, model, rec.store
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_empty_forget_set_is_refused_by_every_method(setting, name):
+    splits, train_ds, model, store = setting
+    net = copy.deepcopy(model)
+    empty = data.loader(train_ds.subset(torch.zeros(0, dtype=torch.int64)))
+    with pytest.raises(ValueError, match="forget set is empty"):
+        unlearn(name, net, forget=empty, retain=data.loader(train_ds), store=store)
+    for p, q in zip(net.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_forget_ids_not_in_the_recording_are_refused(setting):
+    splits, train_ds, model, store = setting
+    net = copy.deepcopy(model)
+    x, y = splits.test.x[:12], splits.test.y[:12]
+    outside = data.IndexedTensorDataset(x, y, ids=torch.arange(290, 302))  # ids 300, 301 were never trained on
+    with pytest.raises(ValueError, match=r"2 forget id\(s\) appear in no recorded training step"):
+        unlearn("partial_amnesiac", net, forget=data.loader(outside), store=store)
+    for p, q in zip(net.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    assert store.ids_not_recorded(torch.tensor([3, 351, 7, 999])).tolist() == [351, 999]
+
+
+def test_store_method_without_store_and_unknown_hparam(setting):
+    splits, train_ds, model, store = setting
+    forget = data.loader(train_ds.subset(torch.arange(5)))
+    with pytest.raises(ValueError, match="needs store="):
+        unlearn("amnesiac", copy.deepcopy(model), forget=forget, retain=forget)
+    with pytest.raises(ValueError, match="unknown hyper-parameter"):
+        unlearn("partial_amnesiac", copy.deepcopy(model), forget=forget, store=store, keep_ratioo=0.1)
+    with pytest.raises(ValueError, match="unknown method"):
+        unlearn("amnesia", copy.deepcopy(model), forget=forget)
