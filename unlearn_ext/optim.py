@@ -82,6 +82,23 @@ class _PartialOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            params, grads = self._gather(group)
+            if params:
+                self._write_back(params, self._step_group(gi, group, params, grads))
+        return loss
+
+    def _step_group(self, gi: int, group: dict, params: List[Tensor], grads: List[Tensor]) -> List[Tensor]:
+        """Step one group's tensors that have a gradient; returns the tensors the op wrote (``params`` or
+        contiguous copies of them, for :meth:`_write_back`)."""
+        raise NotImplementedError
+
     def _gather(self, group: dict):
         """(params, grads) of the group's tensors that have a gradient, as torch's optimizers skip the rest."""
         params, grads = [], []
@@ -157,46 +174,36 @@ class PartialSGD(_PartialOptimizer):
         super().__init__(params, defaults, keep_ratio=keep_ratio, selection=selection, off_scale=off_scale,
                          seed=seed, differentiable=differentiable)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            params, grads = self._gather(group)
-            if not params:
-                continue
-            momentum = group["momentum"]
-            counted = group["selection"] != "magnitude"  # random / round robin need a step count
-            steps, bufs, fresh = [], [], []
-            for p in params:
-                state = self.state[p]
-                if counted:
-                    state["step"] = state.get("step", torch.tensor(0.0)) + 1
-                    steps.append(int(state["step"].item()))
-                if momentum != 0:
-                    fresh.append("momentum_buffer" not in state)
-                    if fresh[-1]:
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    bufs.append(_contiguous_state(state, "momentum_buffer"))
-            masks = self._masks(group, gi, params, steps)
-            hyper = dict(ratio=group["keep_ratio"], lr=group["lr"], momentum=momentum,
-                         weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                         maximize=group["maximize"], off_scale=group["off_scale"])
-            work = self._contiguous(params)
-            if momentum == 0 or group["dampening"] == 0 or all(fresh) or not any(fresh):
-                # A zeroed buffer with dampening 0 is torch's first step (buf = d).
-                damp = 0.0 if (momentum != 0 and all(fresh)) else group["dampening"]
-                ops.masked_sgd_(work, grads, bufs, masks, dampening=damp, **hyper)
-            else:  # new and old buffers with dampening != 0: one call each
-                for new in (True, False):
-                    idx = [i for i, f in enumerate(fresh) if f == new]
-                    ops.masked_sgd_([work[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
-                                    None if masks is None else [masks[i] for i in idx],
-                                    dampening=0.0 if new else group["dampening"], **hyper)
-            self._write_back(params, work)
-        return loss
+    def _step_group(self, gi: int, group: dict, params: List[Tensor], grads: List[Tensor]) -> List[Tensor]:
+        momentum = group["momentum"]
+        counted = group["selection"] != "magnitude"  # random / round robin need a step count
+        steps, bufs, fresh = [], [], []
+        for p in params:
+            state = self.state[p]
+            if counted:
+                state["step"] = state.get("step", torch.tensor(0.0)) + 1
+                steps.append(int(state["step"].item()))
+            if momentum != 0:
+                fresh.append("momentum_buffer" not in state)
+                if fresh[-1]:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                bufs.append(_contiguous_state(state, "momentum_buffer"))
+        masks = self._masks(group, gi, params, steps)
+        hyper = dict(ratio=group["keep_ratio"], lr=group["lr"], momentum=momentum,
+                     weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                     maximize=group["maximize"], off_scale=group["off_scale"])
+        work = self._contiguous(params)
+        if momentum == 0 or group["dampening"] == 0 or all(fresh) or not any(fresh):
+            # A zeroed buffer with dampening 0 is torch's first step (buf = d).
+            damp = 0.0 if (momentum != 0 and all(fresh)) else group["dampening"]
+            ops.masked_sgd_(work, grads, bufs, masks, dampening=damp, **hyper)
+        else:  # new and old buffers with dampening != 0: one call each
+            for new in (True, False):
+                idx = [i for i, f in enumerate(fresh) if f == new]
+                ops.masked_sgd_([work[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
+                                None if masks is None else [masks[i] for i in idx],
+                                dampening=0.0 if new else group["dampening"], **hyper)
+        return work
 
 
 class PartialAdamW(_PartialOptimizer):
@@ -225,41 +232,31 @@ class PartialAdamW(_PartialOptimizer):
         super().__init__(params, defaults, keep_ratio=keep_ratio, selection=selection, off_scale=off_scale,
                          seed=seed, differentiable=differentiable)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            params, grads = self._gather(group)
-            if not params:
-                continue
-            steps = []
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                _contiguous_state(state, "exp_avg")
-                _contiguous_state(state, "exp_avg_sq")
-                state["step"] += 1
-                steps.append(int(state["step"].item()))
-            masks = self._masks(group, gi, params, steps)
-            beta1, beta2 = group["betas"]
-            work = self._contiguous(params)
-            for t in sorted(set(steps)):  # bias correction is per step count: one call per distinct count
-                idx = [i for i, s in enumerate(steps) if s == t]
-                sub = [params[i] for i in idx]
-                ops.masked_adam_([work[i] for i in idx], [grads[i] for i in idx],
-                                 [self.state[p]["exp_avg"] for p in sub], [self.state[p]["exp_avg_sq"] for p in sub],
-                                 None if masks is None else [masks[i] for i in idx], ratio=group["keep_ratio"],
-                                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                                 weight_decay=group["weight_decay"], step=t, maximize=group["maximize"],
-                                 off_scale=group["off_scale"])
-            self._write_back(params, work)
-        return loss
+    def _step_group(self, gi: int, group: dict, params: List[Tensor], grads: List[Tensor]) -> List[Tensor]:
+        steps = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            _contiguous_state(state, "exp_avg")
+            _contiguous_state(state, "exp_avg_sq")
+            state["step"] += 1
+            steps.append(int(state["step"].item()))
+        masks = self._masks(group, gi, params, steps)
+        beta1, beta2 = group["betas"]
+        work = self._contiguous(params)
+        for t in sorted(set(steps)):  # bias correction is per step count: one call per distinct count
+            idx = [i for i, s in enumerate(steps) if s == t]
+            sub = [params[i] for i in idx]
+            ops.masked_adam_([work[i] for i in idx], [grads[i] for i in idx],
+                             [self.state[p]["exp_avg"] for p in sub], [self.state[p]["exp_avg_sq"] for p in sub],
+                             None if masks is None else [masks[i] for i in idx], ratio=group["keep_ratio"],
+                             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                             weight_decay=group["weight_decay"], step=t, maximize=group["maximize"],
+                             off_scale=group["off_scale"])
+        return work
 
 
 __all__ = ["PartialSGD", "PartialAdamW", "SELECTIONS"]
