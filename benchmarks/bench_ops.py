@@ -202,7 +202,7 @@ def bench_model(name, shapes, device, ratios, reps, dtype=torch.float32):
         rows[-1]["vs_plain_sgd"] = ours / plain
         row("  plain SGD(foreach) step, no mask", ratio, plain, None, n * 5 * es, "-")
         ours, base_sel = t["ours_sel"], t["base_sel"]
-        row("masked_sgd_ (top-k of |grad| inside)", ratio, ours, base_sel, n * (5 * es) + n * es,
+        row("masked_sgd_ (top-k of abs(grad) inside)", ratio, ours, base_sel, n * (5 * es) + n * es,
             "per-layer topk mask + grad*mask + SGD(foreach) step")
         rows[-1]["vs_plain_sgd"] = ours / plain
 
@@ -263,6 +263,10 @@ def write_markdown(path, rows, facts, args):
              "## Machine", ""]
     for k, v in facts.items():
         lines.append(f"- {k}: `{v}`")
+    lines += ["", "Ours and the baseline run interleaved in the same timed rounds (medians of "
+              f"{args.reps or (5 if args.quick else 7)} rounds after 3 warm-up rounds), so load from other "
+              "processes on a shared machine hits both alike; absolute times on a shared VM are noisy, the "
+              "ratios much less so. No GPU rows unless torch.cuda.is_available()."]
     lines += ["", "Speed-up = baseline median / ours median, both measured in this run (float32, random values "
               "on the models' parameter shapes). `vs plain SGD` = our masked step / an unmasked "
               "torch.optim.SGD(foreach) step with the same momentum and weight decay.", ""]
