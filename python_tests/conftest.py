@@ -82,3 +82,14 @@ def compiled_backend():
 
     if unlearn_ext.build_info()["backend"] != "compiled":
         pytest.skip("compiled kernels not loaded (reference back-end)")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models or tensors (restored afterwards): they gain nothing
+    from threads, and on a shared machine OpenMP's spinning makes them many times slower. Modules opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,7 +18,7 @@ from unlearn_ext.methods.certified import (NormBall, batch_sampler, certified_si
 from unlearn_ext.models import make_model
 from unlearn_ext.train import TrainConfig, train
 
-from test_methods_neighbours import one_thread  # noqa: F401  (module-scoped, autouse: one intra-op thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

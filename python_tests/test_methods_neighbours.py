@@ -18,19 +18,13 @@ from unlearn_ext.methods import sfron
 from unlearn_ext.models import make_model
 from unlearn_ext.train import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NEIGHBOURS = ("ga", "ng_plus", "srl", "salun", "msg", "ct", "scrub", "bad_teacher", "cfk", "euk", "fisher",
               "influence", "certified", "sfron")
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one intra-op thread is many times faster than oversubscribed ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,7 @@ from torch import nn
 from unlearn_ext import ops
 from unlearn_ext.optim import PartialAdamW, PartialSGD
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared machine OpenMP's spinning makes
-    them many times slower: one thread for this module, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed=0):

@@ -19,16 +19,9 @@ from unlearn_ext.record import (BITMASK, EMPTY, FULL, INDEX, DiskStore, Manifest
 from unlearn_ext.record import encoding  # noqa: E402
 from unlearn_ext.train import TrainConfig, train  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NUMELS = [1, 7, 8, 9, 64, 100, 1000, 4097]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP oversubscription on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _random_update(numels, densities, gen):

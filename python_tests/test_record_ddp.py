@@ -17,16 +17,9 @@ from unlearn_ext import ops  # noqa: E402
 from unlearn_ext.data.core import IndexedTensorDataset  # noqa: E402
 from unlearn_ext.record import DiskStore, UpdateRecorder  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RATIO = 0.25
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP oversubscription on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _mlp():

@@ -27,17 +27,7 @@ fi = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = fi  # dataclasses look their module up there
 _spec.loader.exec_module(fi)
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests move small tensors; one intra-op thread avoids OpenMP oversubscription on a shared
-    machine (the forked children use one thread anyway)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from unlearn_ext.metrics.ulira import logit_confidence, method_unlearn_fn, recip
 from unlearn_ext.models import make_model
 from unlearn_ext.train import TrainConfig
 
-from test_methods_neighbours import one_thread  # noqa: F401  (module-scoped, autouse: one intra-op thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 BUDGET = dict(n_shadow=4, n_forget=2, forget_fraction=0.5, seed=0)
 
