@@ -107,6 +107,13 @@ def _masks_for(grads: Sequence[Tensor], masks: Optional[Sequence[Tensor]], ratio
     return layerwise_topk_mask(grads, ratio, True)
 
 
+def _step_gradient(g: Tensor, selected: Tensor, maximize: bool, off_scale: float) -> Tensor:
+    """The float32 gradient a masked step uses: negated when maximising, scaled by ``off_scale`` where
+    not selected."""
+    g32 = -g.float() if maximize else g.float()
+    return g32 if off_scale == 1.0 else torch.where(selected, g32, g32 * float(off_scale))
+
+
 def masked_sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
                 masks: Optional[Sequence[Tensor]], ratio: float, lr: float, momentum: float, dampening: float,
                 weight_decay: float, nesterov: bool, maximize: bool, off_scale: float) -> None:
@@ -119,11 +126,8 @@ def masked_sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buff
     """
     sel = _masks_for(grads, masks, ratio)
     for i, (p, g) in enumerate(zip(params, grads)):
-        p32, g32, m = p.float(), g.float(), sel[i]
-        if maximize:
-            g32 = -g32
-        if off_scale != 1.0:
-            g32 = torch.where(m, g32, g32 * float(off_scale))
+        p32, m = p.float(), sel[i]
+        g32 = _step_gradient(g, m, maximize, off_scale)
         d = g32
         if weight_decay != 0:
             d = d.add(p32, alpha=weight_decay)
@@ -154,11 +158,8 @@ def masked_adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
     bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
     step_size = lr / bias_correction1
     for i, (p, g) in enumerate(zip(params, grads)):
-        p32, g32, m = p.float(), g.float(), sel[i]
-        if maximize:
-            g32 = -g32
-        if off_scale != 1.0:
-            g32 = torch.where(m, g32, g32 * float(off_scale))
+        p32, m = p.float(), sel[i]
+        g32 = _step_gradient(g, m, maximize, off_scale)
         ea, eas = exp_avgs[i], exp_avg_sqs[i]
         new_p = p32.mul(1 - lr * weight_decay)
         ea32 = ea.float().lerp(g32, 1 - beta1)
