@@ -67,3 +67,15 @@ def test_cli_run_writes_results_and_chart(tmp_path, capsys):
 def test_cli_rejects_unknown_method():
     with pytest.raises(ValueError, match="unknown method"):
         cli.main(["run", "--dataset", "digits", "--methods", "nope", "--no-progress"])
+
+
+def test_a_diverged_method_is_reported_not_fatal():
+    """Certified unlearning with absurd noise leaves non-finite outputs: the row says so, the run goes on."""
+    result = run_experiment(_config(methods=["retrain", "certified", "partial_optimization"], epochs=1,
+                                    method_hparams={"certified": {"sigma": 1e38, "depth": 5, "repeats": 1}}),
+                            progress=False)
+    assert "non-finite outputs" in result["rows"]["certified"]["diverged"]
+    assert result["rows"]["certified"]["stats"]["hparams"]["sigma"] == 1e38
+    assert "gap" in result["rows"]["partial_optimization"]
+    from unlearn_ext import results
+    assert "| certified | non-finite outputs" in results.table(result)

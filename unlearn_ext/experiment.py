@@ -141,13 +141,17 @@ def _run(cfg: ExperimentConfig, progress: bool) -> dict:
         torch.manual_seed(cfg.seed)  # each method's randomness independent of which others ran
         result = unlearn(cls(), net, forget=shuffled(forget_ds, 2), retain=shuffled(retain_ds, 3),
                          store=stores.get(name), **hp)
-        row = dict(evaluate(net), seconds=result.seconds, stats=result.stats, weights_sha256=_weights_digest(net))
+        try:
+            scores = evaluate(net)
+        except metrics.NonFiniteOutputs as e:  # e.g. certified unlearning's noise at a strict (ε, δ)
+            scores = {"diverged": f"non-finite outputs after unlearning ({e})"}
+        row = dict(scores, seconds=result.seconds, stats=result.stats, weights_sha256=_weights_digest(net))
         if name in stores:
             row.update(storage_bytes=stores[name].nbytes(), dense_bytes=stores[name].dense_equivalent_nbytes())
         rows[name] = row
     if "retrain" in rows:
         for name, row in rows.items():
-            if "skipped" in row:
+            if "skipped" in row or "diverged" in row:
                 continue
             row["gap"] = metrics.gap_to(rows["retrain"], row)
             if name != "original":

@@ -37,8 +37,9 @@ def table(result: dict) -> str:
     heads = ["method"] + [h for h, _, _ in COLUMNS]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for name, row in result["rows"].items():
-        if "skipped" in row:
-            lines.append(f"| {name} | skipped: {row['skipped']} |" + " |" * (len(heads) - 2))
+        note = row.get("skipped") and f"skipped: {row['skipped']}" or row.get("diverged")
+        if note:
+            lines.append(f"| {name} | {note} |" + " |" * (len(heads) - 2))
             continue
         lines.append("| " + " | ".join([name] + [_cell(row, k, f) for _, k, f in COLUMNS]) + " |")
     return "\n".join(lines)
@@ -65,7 +66,7 @@ def chart(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names: List[str] = [n for n, row in result["rows"].items() if "skipped" not in row]
+    names: List[str] = [n for n, row in result["rows"].items() if "skipped" not in row and "diverged" not in row]
     keys = [("RA", "RA"), ("FA", "FA"), ("TA", "TA"), ("MIA", "MIA")]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(names)), 4.5))
     width = 0.8 / len(keys)

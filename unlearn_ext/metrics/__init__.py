@@ -2,13 +2,13 @@
 Every function's docstring states its exact definition."""
 from .accuracy import accuracy, accuracy_of, unlearning_accuracies
 from .efficiency import efficiency, rte, storage
-from .mia import (SVC_FEATURES, indiscernibility, loss_lr_mia, loss_lr_mia_from_losses, svc_mia,
-                  svc_mia_from_outputs)
+from .mia import (SVC_FEATURES, NonFiniteOutputs, indiscernibility, loss_lr_mia, loss_lr_mia_from_losses,
+                  svc_mia, svc_mia_from_outputs)
 from .outputs import SampleOutputs, collect_outputs
 from .report import GAP_KEYS, evaluate, gap_to
 from .ulira import ULiRAResult, method_unlearn_fn, recipe_train_fn, ulira
 
 __all__ = ["accuracy", "accuracy_of", "unlearning_accuracies", "efficiency", "rte", "storage", "SVC_FEATURES",
-           "indiscernibility", "loss_lr_mia", "loss_lr_mia_from_losses", "svc_mia", "svc_mia_from_outputs",
-           "SampleOutputs", "collect_outputs", "GAP_KEYS", "evaluate", "gap_to", "ULiRAResult", "ulira", "recipe_train_fn",
-           "method_unlearn_fn"]
+           "indiscernibility", "NonFiniteOutputs", "loss_lr_mia", "loss_lr_mia_from_losses", "svc_mia",
+           "svc_mia_from_outputs", "SampleOutputs", "collect_outputs", "GAP_KEYS", "evaluate", "gap_to",
+           "ULiRAResult", "ulira", "recipe_train_fn", "method_unlearn_fn"]

@@ -25,10 +25,14 @@ def indiscernibility(attack_accuracy: float) -> float:
     return 1.0 - abs(float(attack_accuracy) - 0.5) / 0.5
 
 
+class NonFiniteOutputs(ValueError):
+    """A model's per-sample outputs hold NaN/Inf (a diverged model): no attack can be scored on them."""
+
+
 def _finite(name: str, values) -> np.ndarray:
     arr = np.asarray(values, dtype=np.float64).reshape(-1)
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name}: non-finite values (a diverged model?)")
+        raise NonFiniteOutputs(f"{name}: non-finite values (a diverged model?)")
     return arr
 
 
