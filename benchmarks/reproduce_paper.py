@@ -41,6 +41,10 @@ def table(runs) -> str:
     lines = ["| method | " + " | ".join(h for h, _ in METRICS) + " | storage (MB) |",
              "|" + "---|" * (len(METRICS) + 2)]
     for name in names:
+        notes = sorted({r["rows"][name].get("skipped") or r["rows"][name].get("diverged", "") for r in runs} - {""})
+        if notes:  # a method that did not apply (no conv layers) or diverged in some seed
+            lines.append(f"| {name} | " + "; ".join(notes) + " |" + " |" * len(METRICS))
+            continue
         cells = [_mean_std([results.metric(r["rows"][name], k) for r in runs]) for _, k in METRICS]
         cells.append(results.storage_cell(runs[0]["rows"][name]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -65,7 +69,9 @@ def main(argv=None) -> int:
            f"{torch.__version__}; backend {build_info()['backend']}. Protocol: 8 epochs, batch 128, Adam; "
            f"random forget set of {args.forget_ratio:.0%}; training split subsampled to {args.train_size} "
            f"(test {args.test_size}); mean ± std over seeds {seeds}. LR-MIA: loss-LR attack accuracy "
-           "(0.5 = indiscernible); MIA: fraction of the forget set the shadow SVC (confidence feature) calls member.", ""]
+           "(0.5 = indiscernible); MIA: fraction of the forget set the shadow SVC (confidence feature) calls member. "
+           f"Load average at start: {os.getloadavg()[0]:.1f} (seconds are wall time, inflated on a shared machine).",
+           ""]
     for ds in args.datasets.split(","):
         for model in args.models.split(","):
             runs = []
