@@ -1,5 +1,6 @@
 """Kernel benchmarks: each unlearn_ext op against the plain-PyTorch way of doing the same job, on the
-parameter shapes of torchvision's ResNet-18 and ResNet-50 (random values), at keep ratios 1%, 10%, 50%.
+parameter shapes of torchvision's ResNet-18 and ResNet-50 (on CUDA also ViT-B/16 and one 10^8-element tensor;
+random values), at keep ratios 1%, 10%, 50%.
 
     python benchmarks/bench_ops.py [--quick] [--markdown PATH] [--device cpu|cuda|all] [--reps N]
     unlearn-ext bench [same arguments]
@@ -48,7 +49,15 @@ B_UPDATES = 8
 _FALLBACK = None
 
 
+#: Not a model: one 10^8-element tensor, the single-layer bandwidth case (run on CUDA by default).
+SINGLE_TENSOR = {"tensor1e8": [(100_000_000,)]}
+CPU_MODELS = ["resnet18", "resnet50"]
+CUDA_MODELS = ["resnet18", "resnet50", "vit_b_16", "tensor1e8"]
+
+
 def model_shapes(name: str):
+    if name in SINGLE_TENSOR:
+        return SINGLE_TENSOR[name]
     try:
         import torchvision
 
@@ -318,12 +327,18 @@ def main(argv=None):
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
                         help="where to run (default: the CPU, and CUDA when available)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
-    parser.add_argument("--models", default=None, help="comma-separated torchvision models (resnet18,resnet50)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated torchvision models and/or tensor1e8 (default: resnet18,resnet50 on "
+                             "the CPU; also vit_b_16 and tensor1e8 on CUDA)")
     args = parser.parse_args(argv)
 
     if unlearn_ext.build_info()["backend"] != "compiled":
         print("bench_ops: WARNING: compiled kernels not loaded; timing the pure-PyTorch reference", flush=True)
-    models = args.models.split(",") if args.models else (["resnet18"] if args.quick else ["resnet18", "resnet50"])
+    def models_for(device):
+        if args.models:
+            return args.models.split(",")
+        return ["resnet18"] if args.quick else (CUDA_MODELS if device.type == "cuda" else CPU_MODELS)
+
     ratios = (0.10,) if args.quick else RATIOS
     reps = args.reps or (5 if args.quick else 7)
     devices = []
@@ -339,7 +354,7 @@ def main(argv=None):
           f"{facts['torch_threads']} threads, backend {facts['build_info']['backend']}", flush=True)
     rows = []
     for device in devices:
-        for name in models:
+        for name in models_for(device):
             rows += bench_model(name, model_shapes(name), device, ratios, reps)
     try:
         facts["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
