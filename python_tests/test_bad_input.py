@@ -52,3 +52,15 @@ def test_store_method_without_store_and_unknown_hparam(setting):
         unlearn("partial_amnesiac", copy.deepcopy(model), forget=forget, store=store, keep_ratioo=0.1)
     with pytest.raises(ValueError, match="unknown method"):
         unlearn("amnesia", copy.deepcopy(model), forget=forget)
+
+
+def test_package_level_api(setting):
+    """`unlearn_ext.unlearn(...)` is the documented entry point (README, SPEC §3)."""
+    import unlearn_ext
+
+    splits, train_ds, model, store = setting
+    net = copy.deepcopy(model)
+    result = unlearn_ext.unlearn("partial_amnesiac", net, forget=data.loader(train_ds.subset(torch.arange(5))),
+                                 store=store)
+    assert result.model is net and result.stats["steps_removed"] >= 1
+    assert set(unlearn_ext.available_methods()) == set(available_methods())

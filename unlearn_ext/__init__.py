@@ -4,6 +4,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import _backend, ops  # noqa: E402
+from .methods import available_methods, register_method, unlearn  # noqa: E402
 
 
 def build_info() -> dict:
