@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from unlearn_ext import build_info, results
+from unlearn_ext import available_methods, build_info, results
 from unlearn_ext.experiment import DEMO_METHODS, ExperimentConfig, run_experiment
 
 METRICS = [("RA", "RA"), ("FA", "FA"), ("TA", "TA"), ("MIA", "MIA"), ("LR-MIA", "LR_MIA"), ("Avg.Gap", "avg_gap"),
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="digits,fashion_mnist")
     p.add_argument("--models", default="mlp,lenet,resnet9")
-    p.add_argument("--methods", default=",".join(DEMO_METHODS))
+    p.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated names, or 'all'")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--forget-ratio", type=float, default=0.01)
     p.add_argument("--train-size", type=int, default=6000)
@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/paper_tables.md")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
+    methods = available_methods() if args.methods == "all" else args.methods.split(",")
     out = [f"# Reproduction tables ({datetime.date.today()})", "",
            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch "
            f"{torch.__version__}; backend {build_info()['backend']}. Protocol: 8 epochs, batch 128, Adam; "
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
             runs = []
             try:
                 for seed in seeds:
-                    cfg = ExperimentConfig(dataset=ds, root=args.root, model=model, methods=args.methods.split(","),
+                    cfg = ExperimentConfig(dataset=ds, root=args.root, model=model, methods=methods,
                                            forget_ratio=args.forget_ratio, train_size=args.train_size,
                                            test_size=args.test_size, seed=seed)
                     runs.append(run_experiment(cfg, progress=False))
