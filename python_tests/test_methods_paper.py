@@ -166,7 +166,7 @@ def test_registry_and_api(s):
         model = copy.deepcopy(s.model)
         for how in ("test_nothing", Nothing, Nothing(strength=3.0)):
             res = unlearn(how, model, forget=s.forget, strength=2.0)
-            assert isinstance(res, UnlearnResult) and res.model is model and res.seconds >= 0
+            assert isinstance(res, UnlearnResult) and res.model is model
             assert res.stats["custom"] and res.stats["method"] == "test_nothing"
         assert calls == [2.0, 2.0, 2.0]
         with pytest.raises(ValueError, match="already registered"):
