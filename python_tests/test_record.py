@@ -123,6 +123,21 @@ def test_removing_every_dense_step_restores_the_initial_weights(optimizer, tmp_p
         assert not torch.equal(unlearned[0].weight, model[0].weight)
 
 
+def test_apply_split_into_bounded_groups_matches_one_call():
+    model = _mlp()
+    rec = UpdateRecorder(model, keep_ratio=0.3)
+    _train(model, [rec])
+    store = rec.store
+    per_step = max(store._recs[store._position(s)].entries for s in store.steps())
+    one, split = copy.deepcopy(model), copy.deepcopy(model)
+    assert store.apply(one, alpha=-1.0)["calls"] == 1
+    stats = store.apply(split, alpha=-1.0, max_batch_entries=per_step + 1)
+    assert stats["calls"] == len(store)  # each group holds exactly one record
+    for p, q in zip(split.parameters(), one.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(one[0].weight, model[0].weight)
+
+
 def test_partial_ratio_one_equals_dense_exactly():
     model = _mlp()
     dense, partial = UpdateRecorder(model), UpdateRecorder(model, keep_ratio=1.0)

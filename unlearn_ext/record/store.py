@@ -463,13 +463,16 @@ class UpdateStore:
         return encoding.decode(enc.to(device) if device is not None else enc, m.numels)
 
     def apply(self, model: nn.Module, steps: Optional[Iterable[int]] = None, alpha: float = -1.0,
-              max_batch_entries: int = 1 << 27) -> dict:
+              max_batch_entries: int = 1 << 24) -> dict:
         """``θ += alpha · Σ Δ̂_step`` over ``steps`` (default: all) in place — ``alpha=-1`` removes them.
 
         The model must have this store's fingerprint; its parameters are found by the manifest's names.
         The stored updates go through one ``sparse_accumulate_`` call, or — when they hold more than
-        ``max_batch_entries`` entries, to bound the decoded batch's memory (about 8 bytes an entry) —
-        one call per consecutive group of records, which applies them in the same order.
+        ``max_batch_entries`` entries — one call per consecutive group of records, which applies them in
+        the same order. The bound caps the transient memory of decoding: 8 bytes an entry for the batch
+        itself, but about 40 at the peak on the CPU (bitmask positions are unpacked as int64); at the
+        default 2^24 entries that is under 1 GB (measured: a 1 GB dense LeNet store applied with 2^27
+        peaked 5 GB above the store, with 2^24 0.8 GB, in the same time).
         Returns ``{"steps", "entries", "calls"}``."""
         self.check_model(model)
         m = self._manifest()
