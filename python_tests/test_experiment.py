@@ -64,6 +64,31 @@ def test_cli_run_writes_results_and_chart(tmp_path, capsys):
     assert (out / "chart.png").stat().st_size > 1000
 
 
+def test_table_puts_steps_undone_beside_amnesiac_rows_and_reports_leakage(result):
+    from unlearn_ext import results
+
+    lines = {line.split("|")[1].strip(): line for line in results.table(result).splitlines()[2:]}
+    for name in ("amnesiac", "partial_amnesiac"):
+        frac = result["rows"][name]["stats"]["fraction_steps_affected"]
+        assert 0.0 < frac <= 1.0
+        assert lines[name].rstrip(" |").endswith(f"{frac:.1%}"), lines[name]
+    assert lines["retrain"].rstrip().endswith("|  |")  # no store, no steps-undone cell
+    line = results.leakage(result)
+    assert f"{result['rows']['original']['LR_MIA']:.3f} vs Retrain {result['rows']['retrain']['LR_MIA']:.3f}" in line
+
+
+def test_demo_trains_to_memorisation_and_run_keeps_the_papers_epochs(monkeypatch):
+    from unlearn_ext.experiment import DEMO_EPOCHS
+
+    seen = []
+    monkeypatch.setattr(cli, "_experiments", lambda args, out: seen.append(args) or 0)
+    cli.main(["demo"])
+    cli.main(["run"])
+    demo, run = seen
+    assert demo.epochs == DEMO_EPOCHS == 100 and run.epochs == 8
+    assert (demo.batch_size, demo.forget_ratio, demo.model) == (128, 0.01, "lenet")
+
+
 def test_cli_rejects_unknown_method():
     with pytest.raises(ValueError, match="unknown method"):
         cli.main(["run", "--dataset", "digits", "--methods", "nope", "--no-progress"])

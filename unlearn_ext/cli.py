@@ -9,7 +9,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from .experiment import DEMO_METHODS, ExperimentConfig, run_experiment
+from .experiment import DEMO_METHODS, ExperimentConfig, demo_config, run_experiment
 
 
 def _methods(text: str):
@@ -60,6 +60,7 @@ def _experiments(args, out_default: str) -> int:
         os.makedirs(folder, exist_ok=True)
         print(results.summary(result))
         print(results.table(result))
+        print(results.leakage(result))
         results.write_json(result, os.path.join(folder, "results.json"))
         results.chart(result, os.path.join(folder, "chart.png"))
         print(f"wrote {os.path.join(folder, 'results.json')} and {os.path.join(folder, 'chart.png')}")
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="unlearn-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job: every paper method + baselines on the default data")
-    _add_experiment_args(demo, ExperimentConfig())
+    _add_experiment_args(demo, demo_config())
     run = sub.add_parser("run", help="any configuration of data set, model, methods and forget set")
     _add_experiment_args(run, ExperimentConfig(methods=list(DEMO_METHODS)))
     sub.add_parser("bench", help="kernel benchmarks (arguments go to benchmarks/bench_ops.py)",

@@ -10,13 +10,19 @@ COLUMNS = [  # (header, row key of metrics.evaluate / run_experiment, format)
     ("RA", "RA", "{:.3f}"), ("FA", "FA", "{:.3f}"), ("TA", "TA", "{:.3f}"),
     ("MIA (SVC, D_f member)", "MIA", "{:.3f}"), ("LR-MIA acc", "LR_MIA", "{:.3f}"), ("indisc.", "indisc", "{:.3f}"),
     ("storage MB", "storage_mb", "{:.2f}"), ("seconds", "seconds", "{:.1f}"), ("RTE", "rte", "{:.1f}"),
-    ("Avg.Gap", "avg_gap", "{:.3f}"),
+    ("Avg.Gap", "avg_gap", "{:.3f}"), ("steps undone", "steps_undone", "{:.1%}"),
 ]
 
 
 def metric(row: dict, key: str) -> Optional[float]:
-    """Value of column ``key`` in a result row (``avg_gap`` lives in the row's ``gap`` dict); None if absent."""
-    v = row.get("gap", {}).get(key) if key == "avg_gap" else row.get(key)
+    """Value of column ``key`` in a result row; None if absent. ``avg_gap`` lives in the row's ``gap`` dict;
+    ``steps_undone`` is an amnesiac method's fraction of recorded steps removed (its stats)."""
+    if key == "avg_gap":
+        v = row.get("gap", {}).get(key)
+    elif key == "steps_undone":
+        v = row.get("stats", {}).get("fraction_steps_affected")
+    else:
+        v = row.get(key)
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
@@ -51,6 +57,18 @@ def summary(result: dict) -> str:
             f"{s['forget']}, retain {s['retain']}, test {s['test']}; model {result['config']['model']}; "
             f"fraction of training steps holding a forget sample: "
             f"{result['fraction_of_steps_with_forget']:.1%} (the steps amnesiac methods undo)")
+
+
+def leakage(result: dict) -> str:
+    """One line on whether the original model leaks membership — the MIA columns mean something only if it
+    does — read against Retrain (which never saw D_f)."""
+    rows = result["rows"]
+    parts = []
+    for key, what in (("LR_MIA", "loss-LR MIA accuracy (chance 0.5)"), ("MIA", "SVC member fraction of D_f")):
+        ref = rows.get("retrain", {}).get(key)
+        if rows["original"].get(key) is not None:
+            parts.append(f"{what} {rows['original'][key]:.3f}" + ("" if ref is None else f" vs Retrain {ref:.3f}"))
+    return "membership leakage of the original model: " + "; ".join(parts)
 
 
 def write_json(result: dict, path: str) -> None:
