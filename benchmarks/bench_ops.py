@@ -35,10 +35,12 @@ import torch
 try:
     import unlearn_ext
     from unlearn_ext import ops
+    from unlearn_ext.results import write_text
 except ImportError:  # run from a source tree without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import unlearn_ext
     from unlearn_ext import ops
+    from unlearn_ext.results import write_text
 
 RATIOS = (0.01, 0.10, 0.50)
 SGD_HP = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -300,9 +302,7 @@ def write_markdown(path, rows, facts, args):
             seen.add(r["op"])
             lines.append(f"- {r['op'].strip()}: {r['baseline']}")
     lines += ["", "## Targets", ""] + [f"- {t}" for t in targets(rows)] + [""]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    write_text("\n".join(lines), path)
     print(f"wrote {path}")
 
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import unlearn_ext
 from unlearn_ext.models import make_model, recommended_lr
 from unlearn_ext.record import DiskStore, MemoryStore, UpdateRecorder
+from unlearn_ext.results import write_text
 
 MODELS = {"mlp": (1, 28, 28), "resnet18": (3, 32, 32)}
 OVERHEAD_CONFIGS = {  # name: (keep_ratio, value dtype, store kind)
@@ -237,9 +238,7 @@ def main(argv=None) -> int:
               "bytes by encoding; the rest is per-record metadata (header, step, sample ids, kinds, counts).", ""]
     text = "\n".join(lines)
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+        write_text(text, args.out)
     print(text)
     return 0
 

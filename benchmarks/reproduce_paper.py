@@ -90,10 +90,8 @@ def main(argv=None) -> int:
             out += [f"## {r0['dataset']} / {model}", "",
                     f"Source: {r0['dataset_source']}. Sizes: {r0['sizes']}. Steps holding a forget sample: "
                     f"{r0['fraction_of_steps_with_forget']:.1%}.", "", table(runs), ""]
-            with open(args.out, "w") as f:  # rewrite after each pair: partial tables survive an interrupt
-                f.write("\n".join(out) + "\n")
-    with open(args.out, "w") as f:
-        f.write("\n".join(out) + "\n")
+            results.write_text("\n".join(out) + "\n", args.out)  # after each pair: partial tables survive an interrupt
+    results.write_text("\n".join(out) + "\n", args.out)
     print("\n".join(out))
     return 0
 

@@ -175,7 +175,6 @@ def test_partial_records_the_layerwise_topk_of_the_update():
 @pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_value_storage(value_dtype, tmp_path):
     model = _mlp()
-    initial = copy.deepcopy(model)
     full = UpdateRecorder(model, keep_ratio=0.5)
     half_mem = UpdateRecorder(model, keep_ratio=0.5, value_dtype=value_dtype)
     half_disk = UpdateRecorder(model, keep_ratio=0.5, value_dtype=value_dtype, store=DiskStore(tmp_path / "h.ulx"))

@@ -71,10 +71,15 @@ def leakage(result: dict) -> str:
     return "membership leakage of the original model: " + "; ".join(parts)
 
 
-def write_json(result: dict, path: str) -> None:
+def write_text(text: str, path: str) -> None:
+    """Write a report to ``path``, creating its folder (results.json, the benchmarks' markdown tables)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(result, f, indent=2, default=repr)
+        f.write(text)
+
+
+def write_json(result: dict, path: str) -> None:
+    write_text(json.dumps(result, indent=2, default=repr), path)
 
 
 def chart(result: dict, path: str) -> None:
