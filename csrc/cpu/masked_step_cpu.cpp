@@ -1,6 +1,5 @@
-// masked_sgd_ and masked_adam_ on the CPU (SPEC §1.5): one fused pass per layer chunk, float32
-// arithmetic in the reference's (= torch.optim's) operation order, each scalar rounded to float32 as torch
-// does for a Python scalar. The loops are branch-free (a data-dependent branch on a 50% mask mispredicts
+// masked_sgd_ and masked_adam_ on the CPU (SPEC §1.5): one fused pass per layer chunk, the per-coordinate
+// arithmetic of masked_step.h (shared with the CUDA kernels). The loops are branch-free (a data-dependent branch on a 50% mask mispredicts
 // half the time): every coordinate is computed and an unselected one under off_scale == 0 gets its own
 // loaded bits stored back, so it stays bitwise unchanged. The hyper-parameter switches are template
 // arguments, so the per-element body has no branches and vectorises.
@@ -12,6 +11,7 @@
 #include <type_traits>
 
 #include "cpu/common_cpu.h"
+#include "masked_step.h"
 
 namespace unlearn_ext {
 namespace cpu {
@@ -88,9 +88,9 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   const bool use_momentum = momentum != 0.0;
   if (use_momentum || !momentum_buffers.empty()) check_pairs(op, "momentum_buffers", momentum_buffers, "params", params);
   const bool frozen_off = off_scale == 0.0;
-  const float mom = static_cast<float>(momentum), keep_d = static_cast<float>(1.0 - dampening),
-              wd = static_cast<float>(weight_decay), neg_lr = static_cast<float>(-lr),
-              off = static_cast<float>(off_scale), sign = maximize ? -1.0f : 1.0f;
+  const SgdCoeffs c{static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
+                    static_cast<float>(weight_decay), static_cast<float>(-lr)};
+  const float off = static_cast<float>(off_scale), sign = maximize ? -1.0f : 1.0f;
   with_flags(use_momentum, use_momentum && nesterov, weight_decay != 0.0, [&](auto M, auto N, auto D) {
     constexpr bool kMomentum = decltype(M)::value, kNesterov = decltype(N)::value, kDecay = decltype(D)::value;
     run_masked_step(op, params, grads, masks, ratio, [&](int64_t l, auto tag) {
@@ -101,16 +101,11 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
         const bool moves = selected | !frozen_off;
         g = g * sign * select_bits(selected, 1.0f, off);  // maximize, off_scale (x +-1 is exact)
         const T p_old = p[i];
-        const float pv = static_cast<float>(p_old);
-        float d = g;
-        if constexpr (kDecay) d = d + wd * pv;
-        if constexpr (kMomentum) {
-          const T b_old = buf[i];
-          const float b = static_cast<float>(b_old) * mom + keep_d * d;
-          buf[i] = select_bits(moves, static_cast<T>(b), b_old);
-          d = kNesterov ? d + mom * b : b;
-        }
-        p[i] = select_bits(moves, static_cast<T>(pv + neg_lr * d), p_old);
+        const T b_old = kMomentum ? buf[i] : T{};
+        const SgdCoordinate out = sgd_coordinate(static_cast<float>(p_old), static_cast<float>(b_old), g, c,
+                                                 kMomentum, kNesterov, kDecay);
+        if constexpr (kMomentum) buf[i] = select_bits(moves, static_cast<T>(out.momentum_buffer), b_old);
+        p[i] = select_bits(moves, static_cast<T>(out.param), p_old);
       };
     });
   });
@@ -129,14 +124,13 @@ void masked_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bias_correction2_sqrt = std::pow(1.0 - std::pow(beta2, static_cast<double>(step)), 0.5);
   const bool frozen_off = off_scale == 0.0;
-  const float decay = static_cast<float>(1.0 - lr * weight_decay), w = static_cast<float>(1.0 - beta1),
-              b2 = static_cast<float>(beta2), one_minus_b2 = static_cast<float>(1.0 - beta2),
-              bc2 = static_cast<float>(bias_correction2_sqrt), eps_f = static_cast<float>(eps),
-              neg_step = static_cast<float>(-(lr / bias_correction1)), off = static_cast<float>(off_scale),
-              sign = maximize ? -1.0f : 1.0f;
-  const bool small_w = std::abs(w) < 0.5f;
-  with_flags(small_w, false, false, [&](auto SW, auto, auto) {
-    constexpr bool kSmallW = decltype(SW)::value;
+  const float w = static_cast<float>(1.0 - beta1);
+  const AdamCoeffs c{static_cast<float>(1.0 - lr * weight_decay), w, static_cast<float>(beta2),
+                     static_cast<float>(1.0 - beta2), static_cast<float>(bias_correction2_sqrt),
+                     static_cast<float>(eps), static_cast<float>(-(lr / bias_correction1))};
+  const float off = static_cast<float>(off_scale), sign = maximize ? -1.0f : 1.0f;
+  with_flags(std::abs(w) < 0.5f, false, false, [&](auto SW, auto, auto) {
+    constexpr bool kSmallWeight = decltype(SW)::value;
     run_masked_step(op, params, grads, masks, ratio, [&](int64_t l, auto tag) {
       using T = decltype(tag);
       T* p = params[l].data_ptr<T>();
@@ -146,15 +140,11 @@ void masked_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList
         const bool moves = selected | !frozen_off;
         g = g * sign * select_bits(selected, 1.0f, off);
         const T p_old = p[i], a_old = m1[i], s_old = m2[i];
-        const float pv = static_cast<float>(p_old) * decay;
-        const float a = static_cast<float>(a_old);
-        // torch's lerp: the form that is exact at the nearer end of the weight.
-        const float ea = kSmallW ? a + w * (g - a) : g - (g - a) * (1.0f - w);
-        const float eas = static_cast<float>(s_old) * b2 + one_minus_b2 * g * g;
-        const float denom = std::sqrt(eas) / bc2 + eps_f;
-        m1[i] = select_bits(moves, static_cast<T>(ea), a_old);
-        m2[i] = select_bits(moves, static_cast<T>(eas), s_old);
-        p[i] = select_bits(moves, static_cast<T>(pv + neg_step * ea / denom), p_old);
+        const AdamCoordinate out = adam_coordinate(static_cast<float>(p_old), static_cast<float>(a_old),
+                                                   static_cast<float>(s_old), g, c, kSmallWeight);
+        m1[i] = select_bits(moves, static_cast<T>(out.exp_avg), a_old);
+        m2[i] = select_bits(moves, static_cast<T>(out.exp_avg_sq), s_old);
+        p[i] = select_bits(moves, static_cast<T>(out.param), p_old);
       };
     });
   });

@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "cuda/radix_select.cuh"
+#include "masked_step.h"
 
 namespace unlearn_ext {
 namespace cuda {
@@ -30,7 +31,8 @@ template <typename T>
 using GradValue = RankedValue<T, 1>;
 
 struct SgdHyper {
-  float momentum, one_minus_dampening, weight_decay, neg_lr, off_scale;
+  SgdCoeffs c;
+  float off_scale;
   bool use_momentum, use_weight_decay, nesterov, maximize, freeze_unselected;
 };
 
@@ -41,30 +43,22 @@ struct SgdStep {
   __device__ __forceinline__ void operator()(const TensorTable<D>& tab, int t, int64_t i, bool selected, int64_t,
                                              float grad) const {
     if (!selected && h.freeze_unselected) return;
-    float d = h.maximize ? -grad : grad;
-    if (!selected) d = d * h.off_scale;
+    float g = h.maximize ? -grad : grad;
+    if (!selected) g = g * h.off_scale;
     scalar_t* p = slot_ptr<scalar_t>(tab, 0, t);
-    const float p32 = static_cast<float>(p[i]);
-    if (h.use_weight_decay) d = d + h.weight_decay * p32;
-    if (h.use_momentum) {
-      scalar_t* buf = slot_ptr<scalar_t>(tab, 2, t);
-      const float b = static_cast<float>(buf[i]) * h.momentum + h.one_minus_dampening * d;
-      buf[i] = static_cast<scalar_t>(b);
-      d = h.nesterov ? d + h.momentum * b : b;
-    }
-    p[i] = static_cast<scalar_t>(p32 + h.neg_lr * d);
+    scalar_t* buf = h.use_momentum ? slot_ptr<scalar_t>(tab, 2, t) : nullptr;
+    const SgdCoordinate out = sgd_coordinate(static_cast<float>(p[i]), buf ? static_cast<float>(buf[i]) : 0.f, g,
+                                             h.c, h.use_momentum, h.nesterov, h.use_weight_decay);
+    if (buf) buf[i] = static_cast<scalar_t>(out.momentum_buffer);
+    p[i] = static_cast<scalar_t>(out.param);
   }
 };
 
 struct AdamHyper {
-  float decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size, off_scale;
-  bool maximize, freeze_unselected;
+  AdamCoeffs c;
+  float off_scale;
+  bool small_weight, maximize, freeze_unselected;
 };
-
-// torch's lerp (ATen/native/Lerp.h): the formula depends on the size of the weight.
-__device__ __forceinline__ float torch_lerp(float self, float end, float w) {
-  return fabsf(w) < 0.5f ? self + w * (end - self) : end - (end - self) * (1.f - w);
-}
 
 template <typename scalar_t>
 struct AdamStep {
@@ -78,13 +72,11 @@ struct AdamStep {
     scalar_t* p = slot_ptr<scalar_t>(tab, 0, t);
     scalar_t* m = slot_ptr<scalar_t>(tab, 2, t);
     scalar_t* v = slot_ptr<scalar_t>(tab, 3, t);
-    const float m1 = torch_lerp(static_cast<float>(m[i]), g, h.one_minus_beta1);
-    const float v1 = static_cast<float>(v[i]) * h.beta2 + h.one_minus_beta2 * g * g;
-    const float denom = sqrtf(v1) / h.bias_correction2_sqrt + h.eps;
-    const float p1 = static_cast<float>(p[i]) * h.decay + h.neg_step_size * m1 / denom;
-    m[i] = static_cast<scalar_t>(m1);
-    v[i] = static_cast<scalar_t>(v1);
-    p[i] = static_cast<scalar_t>(p1);
+    const AdamCoordinate out = adam_coordinate(static_cast<float>(p[i]), static_cast<float>(m[i]),
+                                               static_cast<float>(v[i]), g, h.c, h.small_weight);
+    m[i] = static_cast<scalar_t>(out.exp_avg);
+    v[i] = static_cast<scalar_t>(out.exp_avg_sq);
+    p[i] = static_cast<scalar_t>(out.param);
   }
 };
 
@@ -166,9 +158,10 @@ void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   // With momentum == 0 the buffers are never touched and may be an empty list.
   if (momentum != 0 || !momentum_buffers.empty()) state_list(lists, 2, "momentum_buffers", momentum_buffers);
   const c10::cuda::CUDAGuard guard(lists[0][0].device());
-  const SgdHyper h{static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
-                   static_cast<float>(weight_decay), static_cast<float>(-lr), static_cast<float>(off_scale),
-                   momentum != 0, weight_decay != 0, nesterov, maximize, off_scale == 0};
+  const SgdHyper h{SgdCoeffs{static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
+                             static_cast<float>(weight_decay), static_cast<float>(-lr)},
+                   static_cast<float>(off_scale), momentum != 0, weight_decay != 0, nesterov, maximize,
+                   off_scale == 0};
   run_step("masked_sgd_", lists, masks.has_value(), ratio, [&](auto tag) { return SgdStep<decltype(tag)>{h}; });
 }
 
@@ -189,11 +182,11 @@ void masked_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   const c10::cuda::CUDAGuard guard(lists[0][0].device());
   const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bias_correction2_sqrt = std::pow(1.0 - std::pow(beta2, static_cast<double>(step)), 0.5);
-  const AdamHyper h{static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(1.0 - beta1),
-                    static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
-                    static_cast<float>(bias_correction2_sqrt), static_cast<float>(eps),
-                    static_cast<float>(-(lr / bias_correction1)), static_cast<float>(off_scale), maximize,
-                    off_scale == 0};
+  const float w = static_cast<float>(1.0 - beta1);
+  const AdamHyper h{AdamCoeffs{static_cast<float>(1.0 - lr * weight_decay), w, static_cast<float>(beta2),
+                               static_cast<float>(1.0 - beta2), static_cast<float>(bias_correction2_sqrt),
+                               static_cast<float>(eps), static_cast<float>(-(lr / bias_correction1))},
+                    static_cast<float>(off_scale), std::fabs(w) < 0.5f, maximize, off_scale == 0};
   run_step("masked_adam_", lists, masks.has_value(), ratio, [&](auto tag) { return AdamStep<decltype(tag)>{h}; });
 }
 
