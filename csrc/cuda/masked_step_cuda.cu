@@ -30,53 +30,52 @@ constexpr int kMaskSlot = 4;
 template <typename T>
 using GradValue = RankedValue<T, 1>;
 
-struct SgdHyper {
+// One coordinate of an SGD step on the prepared gradient g (masked_step.h's arithmetic).
+struct SgdUpdate {
   SgdCoeffs c;
-  float off_scale;
-  bool use_momentum, use_weight_decay, nesterov, maximize, freeze_unselected;
-};
-
-template <typename scalar_t>
-struct SgdStep {
-  SgdHyper h;
-  template <int D>
-  __device__ __forceinline__ void operator()(const TensorTable<D>& tab, int t, int64_t i, bool selected, int64_t,
-                                             float grad) const {
-    if (!selected && h.freeze_unselected) return;
-    float g = h.maximize ? -grad : grad;
-    if (!selected) g = g * h.off_scale;
+  bool use_momentum, use_weight_decay, nesterov;
+  template <typename scalar_t, int D>
+  __device__ __forceinline__ void apply(const TensorTable<D>& tab, int t, int64_t i, float g) const {
     scalar_t* p = slot_ptr<scalar_t>(tab, 0, t);
-    scalar_t* buf = h.use_momentum ? slot_ptr<scalar_t>(tab, 2, t) : nullptr;
+    scalar_t* buf = use_momentum ? slot_ptr<scalar_t>(tab, 2, t) : nullptr;
     const SgdCoordinate out = sgd_coordinate(static_cast<float>(p[i]), buf ? static_cast<float>(buf[i]) : 0.f, g,
-                                             h.c, h.use_momentum, h.nesterov, h.use_weight_decay);
+                                             c, use_momentum, nesterov, use_weight_decay);
     if (buf) buf[i] = static_cast<scalar_t>(out.momentum_buffer);
     p[i] = static_cast<scalar_t>(out.param);
   }
 };
 
-struct AdamHyper {
+// One coordinate of an AdamW step on the prepared gradient g.
+struct AdamUpdate {
   AdamCoeffs c;
-  float off_scale;
-  bool small_weight, maximize, freeze_unselected;
-};
-
-template <typename scalar_t>
-struct AdamStep {
-  AdamHyper h;
-  template <int D>
-  __device__ __forceinline__ void operator()(const TensorTable<D>& tab, int t, int64_t i, bool selected, int64_t,
-                                             float grad) const {
-    if (!selected && h.freeze_unselected) return;
-    float g = h.maximize ? -grad : grad;
-    if (!selected) g = g * h.off_scale;
+  bool small_weight;
+  template <typename scalar_t, int D>
+  __device__ __forceinline__ void apply(const TensorTable<D>& tab, int t, int64_t i, float g) const {
     scalar_t* p = slot_ptr<scalar_t>(tab, 0, t);
     scalar_t* m = slot_ptr<scalar_t>(tab, 2, t);
     scalar_t* v = slot_ptr<scalar_t>(tab, 3, t);
     const AdamCoordinate out = adam_coordinate(static_cast<float>(p[i]), static_cast<float>(m[i]),
-                                               static_cast<float>(v[i]), g, h.c, h.small_weight);
+                                               static_cast<float>(v[i]), g, c, small_weight);
     m[i] = static_cast<scalar_t>(out.exp_avg);
     v[i] = static_cast<scalar_t>(out.exp_avg_sq);
     p[i] = static_cast<scalar_t>(out.param);
+  }
+};
+
+// The step functor of both ops: an unselected coordinate is left alone under off_scale == 0, else its
+// gradient (negated under maximize) is scaled by off_scale; then the optimizer's update.
+template <typename scalar_t, typename Update>
+struct MaskedStep {
+  Update update;
+  float off_scale;
+  bool maximize, freeze_unselected;
+  template <int D>
+  __device__ __forceinline__ void operator()(const TensorTable<D>& tab, int t, int64_t i, bool selected, int64_t,
+                                             float grad) const {
+    if (!selected && freeze_unselected) return;
+    float g = maximize ? -grad : grad;
+    if (!selected) g = g * off_scale;
+    update.template apply<scalar_t>(tab, t, i, g);
   }
 };
 
@@ -158,11 +157,12 @@ void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   // With momentum == 0 the buffers are never touched and may be an empty list.
   if (momentum != 0 || !momentum_buffers.empty()) state_list(lists, 2, "momentum_buffers", momentum_buffers);
   const c10::cuda::CUDAGuard guard(lists[0][0].device());
-  const SgdHyper h{SgdCoeffs{static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
-                             static_cast<float>(weight_decay), static_cast<float>(-lr)},
-                   static_cast<float>(off_scale), momentum != 0, weight_decay != 0, nesterov, maximize,
-                   off_scale == 0};
-  run_step("masked_sgd_", lists, masks.has_value(), ratio, [&](auto tag) { return SgdStep<decltype(tag)>{h}; });
+  const SgdUpdate update{SgdCoeffs{static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
+                                  static_cast<float>(weight_decay), static_cast<float>(-lr)},
+                        momentum != 0, weight_decay != 0, nesterov};
+  run_step("masked_sgd_", lists, masks.has_value(), ratio, [&](auto tag) {
+    return MaskedStep<decltype(tag), SgdUpdate>{update, static_cast<float>(off_scale), maximize, off_scale == 0};
+  });
 }
 
 void masked_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -183,11 +183,13 @@ void masked_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bias_correction2_sqrt = std::pow(1.0 - std::pow(beta2, static_cast<double>(step)), 0.5);
   const float w = static_cast<float>(1.0 - beta1);
-  const AdamHyper h{AdamCoeffs{static_cast<float>(1.0 - lr * weight_decay), w, static_cast<float>(beta2),
-                               static_cast<float>(1.0 - beta2), static_cast<float>(bias_correction2_sqrt),
-                               static_cast<float>(eps), static_cast<float>(-(lr / bias_correction1))},
-                    static_cast<float>(off_scale), std::fabs(w) < 0.5f, maximize, off_scale == 0};
-  run_step("masked_adam_", lists, masks.has_value(), ratio, [&](auto tag) { return AdamStep<decltype(tag)>{h}; });
+  const AdamUpdate update{AdamCoeffs{static_cast<float>(1.0 - lr * weight_decay), w, static_cast<float>(beta2),
+                                     static_cast<float>(1.0 - beta2), static_cast<float>(bias_correction2_sqrt),
+                                     static_cast<float>(eps), static_cast<float>(-(lr / bias_correction1))},
+                          std::fabs(w) < 0.5f};
+  run_step("masked_adam_", lists, masks.has_value(), ratio, [&](auto tag) {
+    return MaskedStep<decltype(tag), AdamUpdate>{update, static_cast<float>(off_scale), maximize, off_scale == 0};
+  });
 }
 
 }  // namespace
