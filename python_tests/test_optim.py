@@ -170,22 +170,26 @@ def test_state_dict_round_trip_continues_identically(cls, kw):
         assert torch.equal(pa, pb)
 
 
-@pytest.mark.parametrize("cls,tcls,kw", [(PartialSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
-                                         (PartialAdamW, torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05))])
-def test_loads_a_torch_optimizer_state_dict(cls, tcls, kw):
-    a, b = _model(), _model()
+def _continue_from_torch_state(a, b, cls, tcls, kw, batches, warmup):
+    """Train twin models ``a`` and ``b`` with torch's ``tcls`` for ``warmup`` batches, hand ``b``'s optimizer
+    state to our ``cls`` with ``load_state_dict``, and check after every later step that the two agree."""
     oa, ob = tcls(a.parameters(), **kw), tcls(b.parameters(), **kw)
-    batches = _batches(8)
-    for x, y in batches[:4]:
+    for x, y in batches[:warmup]:
         _step(a, oa, x, y)
         _step(b, ob, x, y)
     ours = cls(b.parameters(), **kw)
     ours.load_state_dict(ob.state_dict())
-    for x, y in batches[4:]:
+    for x, y in batches[warmup:]:
         _step(a, oa, x, y)
         _step(b, ours, x, y)
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls,tcls,kw", [(PartialSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
+                                         (PartialAdamW, torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05))])
+def test_loads_a_torch_optimizer_state_dict(cls, tcls, kw):
+    _continue_from_torch_state(_model(), _model(), cls, tcls, kw, _batches(8), warmup=4)
 
 
 @pytest.mark.parametrize("cls,tcls,kw", [
@@ -246,20 +250,10 @@ def test_channels_last_parameters(cls, tcls, kw):
 
     a, b = conv(), conv()
     assert not a[0].weight.is_contiguous()
-    oa, ob = tcls(a.parameters(), **kw), tcls(b.parameters(), **kw)
     g = torch.Generator().manual_seed(2)
     batches = [(torch.randn(8, 3, 8, 8, generator=g).to(memory_format=torch.channels_last),
                 torch.randint(0, 5, (8,), generator=g)) for _ in range(8)]
-    for x, y in batches[:3]:
-        _step(a, oa, x, y)
-        _step(b, ob, x, y)
-    ours = cls(b.parameters(), **kw)
-    ours.load_state_dict(ob.state_dict())
-    for x, y in batches[3:]:
-        _step(a, oa, x, y)
-        _step(b, ours, x, y)
-        for pa, pb in zip(a.parameters(), b.parameters()):
-            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+    _continue_from_torch_state(a, b, cls, tcls, kw, batches, warmup=3)
     assert b[0].weight.is_contiguous(memory_format=torch.channels_last)
     fresh = conv()
     opt = cls(fresh.parameters(), keep_ratio=0.1, **kw)
