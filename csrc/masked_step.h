@@ -4,8 +4,8 @@
 // maximize and off_scale act on the gradient before these are called, and which coordinates are written
 // back is the caller's. The bool switches are compile-time constants at the CPU call sites (so the loops
 // stay branch-free and vectorise) and uniform branches on the GPU. The coefficients pass by value: a
-// reference to them would have to be re-read after every store through a float pointer (aliasing). Built with --fmad=false for nvcc, so
-// no multiply-add is fused on either side.
+// reference to them would have to be re-read after every store through a float pointer (aliasing).
+// nvcc builds with --fmad=false, so no multiply-add is fused on either side.
 #pragma once
 
 #include <cmath>
