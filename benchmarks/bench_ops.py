@@ -35,12 +35,11 @@ import torch
 try:
     import unlearn_ext
     from unlearn_ext import ops
-    from unlearn_ext.results import write_text
 except ImportError:  # run from a source tree without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import unlearn_ext
     from unlearn_ext import ops
-    from unlearn_ext.results import write_text
+from unlearn_ext.results import write_text  # noqa: E402 (importable once the block above has run)
 
 RATIOS = (0.01, 0.10, 0.50)
 SGD_HP = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
