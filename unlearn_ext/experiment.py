@@ -1,62 +1,93 @@
-"""One unlearning experiment end to end (SPEC §5–§7): load data, pick a forget set, train the original
-model with the paper's protocol while recording dense and partial updates, run each method on a copy,
-and evaluate every model beside the retrained one. ``unlearn-ext demo``/``run`` and
-``benchmarks/reproduce_paper.py`` are thin shells around :func:`run_experiment`."""
+"""One unlearning experiment end to end (SPEC §5–§7), under the protocol of SPEC §5.1 (:mod:`.protocol`).
+
+Load data; carve a fixed, seeded validation half out of the test split (TA and the attacks' non-members are
+the other half); train the original model with the paper's protocol while recording dense and partial updates
+for the store-reading methods; then, for a forget set, run each method on a copy of the original at its own
+defaults (:func:`.protocol.method_hparams`), running the methods with a strength knob to the forgetting target
+(:func:`.protocol.calibrated_run`), and evaluate every model beside the retrained one. Each row says whether it
+met the target, whether it forgot at all, and whether its membership figures are reliable
+(:func:`.protocol.forgetting_verdict`, :func:`.protocol.mia_reliable`).
+
+:class:`Experiment` keeps the trained original so that several forget sets can be read against one training
+run (``benchmarks/amnesiac_regime.py``); :func:`run_experiment` is one training and one forget set.
+``unlearn-ext demo``/``run`` and ``benchmarks/reproduce_paper.py`` are thin shells around them.
+"""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import math
+import numbers
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__, build_info, data, metrics, models
 from .methods import available_methods, get_method, unlearn
+from .protocol import (ForgettingTarget, calibrated_run, forgetting_target, forgetting_verdict, method_hparams,
+                       supports_calibration, validation_split)
+from .record import DiskStore
 from .train import TrainConfig, train
 
 PAPER_METHODS = ["amnesiac", "partial_amnesiac", "label_flip", "partial_label_flip", "optimization",
                  "partial_optimization"]
 DEMO_METHODS = ["retrain", "finetune"] + PAPER_METHODS + ["ng_plus", "msg", "ct"]
+#: The paper's sweep of the keep ratio r (SPEC §3).
+PAPER_KEEP_RATIOS = (0.01, 0.05, 0.1, 0.2, 0.5)
+VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: The loss-LR attack's folds: a forget set or test half smaller than this cannot be scored at all.
+MIN_FORGET = 10
 
 
 @dataclass
 class ExperimentConfig:
-    """Every knob of one experiment; stored verbatim in results.json."""
+    """Every knob of one experiment; stored in results.json (with the sizes actually used)."""
 
     dataset: str = "auto"  # "auto": Fashion-MNIST when installed, else scikit-learn digits
     root: Optional[str] = None
     model: str = "lenet"
     methods: List[str] = field(default_factory=lambda: list(DEMO_METHODS))
     forget_ratio: Optional[float] = 0.01
-    forget_class: Optional[int] = None
+    forget_class: Optional[int] = None  # forget this whole class instead (takes precedence over forget_ratio)
     train_size: Optional[int] = 6000  # seeded subsample of the training split (None: all of it)
-    test_size: Optional[int] = 2000
+    test_size: Optional[int] = 2000  # of the test split, before halving into validation and reported test
     keep_ratio: float = 0.1  # r of the partial methods
+    keep_ratios: Optional[List[float]] = None  # a sweep: one row per r for every partial method (None: [keep_ratio])
     epochs: int = 8
     batch_size: int = 128
     lr: Optional[float] = None  # None: the model's recommended learning rate
     seed: int = 0
     deterministic: bool = False
+    calibrate: bool = True  # run methods with a strength knob to the forgetting target (SPEC §5.1)
+    value_dtype: str = "float32"  # of the recorded updates
+    store_dir: Optional[str] = None  # DiskStore files there (kept); None: in memory
     method_hparams: dict = field(default_factory=dict)  # {method: {hparam: value}}
 
+    def ratios(self) -> List[float]:
+        return list(self.keep_ratios) if self.keep_ratios else [self.keep_ratio]
 
-#: ``unlearn-ext demo``'s epochs over its 6,000-image subsample (4,700 steps at batch 128; the paper's 8
-#: epochs over 60,000 images are 3,750). Measured on Fashion-MNIST × LeNet: at 8 epochs the model fits 81 %
-#: of its training set, the loss-LR MIA on D_f is at chance (0.525) and the SVC member fraction equals
-#: Retrain's (0.65 vs 0.63), so the MIA columns say nothing; at 80 epochs one seed in three still had not
-#: memorised (RA 0.984, SVC 0.93 vs Retrain 0.90); at 100 every seed tried memorises (RA ≥ 0.996, FA 1.0)
-#: and both attacks see it.
-DEMO_EPOCHS = 100
+
+#: ``unlearn-ext demo``'s setting (SPEC §7). Every number is what the demo needs for its rows to mean something;
+#: see README "The demo" for the measurements behind them.
+#:
+#: * 6,000 Fashion-MNIST training images at batch 16 with a 50-image forget set: a forget sample sits in 12.5 %
+#:   of the steps (1 − (1 − 50/6000)^16), inside the amnesiac regime (≤ 15 %), and each attack has 50 members;
+#: * LeNet for 40 epochs (15,000 steps) with the paper's Adam at 1e-3, so the original memorises its training set
+#:   and leaks membership against Retrain;
+#: * updates recorded in float16 (the dense record of 15,000 steps is 3.2 GB in float32).
+DEMO = dict(train_size=6000, test_size=2000, batch_size=16, epochs=40, forget_ratio=50 / 6000,
+            value_dtype="float16")
 
 
 def demo_config() -> ExperimentConfig:
-    """The demo's defaults: :class:`ExperimentConfig` (the paper's batch, optimizer and 1 % random forget
-    set on 6,000 Fashion-MNIST images) with :data:`DEMO_EPOCHS` epochs."""
-    return ExperimentConfig(epochs=DEMO_EPOCHS)
+    """The demo's defaults: :class:`ExperimentConfig` with :data:`DEMO`."""
+    return ExperimentConfig(**DEMO)
 
 
 def fraction_of_steps_with_forget(forget_fraction: float, batch_size: int) -> float:
@@ -71,7 +102,8 @@ def _environment() -> dict:
 
     return {"unlearn_ext": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "sklearn": sklearn.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "build": build_info()}
+            "machine": platform.machine(), "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()[0],
+            "build": build_info()}
 
 
 def _weights_digest(model: torch.nn.Module) -> str:
@@ -83,100 +115,292 @@ def _weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
-    """Run ``cfg`` and return the result dict (``results.json``): config, environment, data sizes and one row
-    per model — the original, then Retrain, then every other method — with :func:`metrics.evaluate`'s
-    columns, seconds, the method's statistics and hyper-parameters, storage, RTE, the gap to Retrain and a
-    digest of the final weights. ``cfg.deterministic`` turns on ``torch.use_deterministic_algorithms`` for
-    the run (restored afterwards): with it, the same config gives bitwise-identical weights on the CPU."""
+# ----------------------------------------------------------------------------------------------- checks
+
+def _positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _ratio(name: str, value, upper_open: bool) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and \
+        0.0 < value and (value < 1.0 if upper_open else value <= 1.0)
+    if not ok:
+        raise ValueError(f"{name} must be a number in (0, 1{')' if upper_open else ']'}, got {value!r}")
+
+
+def validate_config(cfg: ExperimentConfig) -> None:
+    """Every check that needs no data, before any work starts: method names, per-method hyper-parameters
+    (names, and that the method accepts them), numeric ranges, the model name and the value dtype. A bad value
+    raises ``ValueError`` naming the field."""
     unknown = sorted(set(cfg.methods) - set(available_methods()))
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; available: {available_methods()}")
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(cfg.deterministic or was_deterministic)
-    try:
-        return _run(cfg, progress)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
+        raise ValueError(f"methods: unknown method(s) {unknown}; available: {available_methods()}")
+    if not cfg.methods:
+        raise ValueError("methods: no method selected")
+    if not isinstance(cfg.method_hparams, dict) or not all(isinstance(v, dict) for v in cfg.method_hparams.values()):
+        raise ValueError("method_hparams must map method names to {hyper-parameter: value} objects, got "
+                         f"{cfg.method_hparams!r}")
+    stray = sorted(set(cfg.method_hparams) - set(cfg.methods))
+    if stray:
+        raise ValueError(f"method_hparams: {stray} name no selected method (selected: {cfg.methods})")
+    for name, hp in cfg.method_hparams.items():
+        get_method(name)(**hp)  # unknown hyper-parameter names raise here, naming the method
+    for name in ("epochs", "batch_size"):
+        _positive_int(name, getattr(cfg, name))
+    for name in ("train_size", "test_size"):
+        if getattr(cfg, name) is not None:
+            _positive_int(name, getattr(cfg, name), minimum=2)
+    if cfg.forget_class is not None:  # a whole class; it takes precedence over forget_ratio
+        _positive_int("forget_class", cfg.forget_class, minimum=0)
+    else:
+        _ratio("forget_ratio", cfg.forget_ratio, upper_open=True)
+    for r in cfg.ratios():
+        _ratio("keep_ratio", r, upper_open=False)
+    if cfg.lr is not None and not (isinstance(cfg.lr, numbers.Real) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"lr must be a positive number, got {cfg.lr!r}")
+    models.recommended_lr(cfg.model)  # unknown model names raise, listing the known ones
+    if cfg.value_dtype not in VALUE_DTYPES:
+        raise ValueError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {cfg.value_dtype!r}")
 
 
-def _run(cfg: ExperimentConfig, progress: bool) -> dict:
-    torch.manual_seed(cfg.seed)
-    sizes = dict(train_size=cfg.train_size, test_size=cfg.test_size, seed=cfg.seed)
-    splits = data.default_dataset(cfg.root, **sizes) if cfg.dataset == "auto" else \
-        data.load_dataset(cfg.dataset, cfg.root, **sizes)
-    train_ds, test_ds = splits.train, splits.test
-    fids = data.forget_ids(train_ds, ratio=None if cfg.forget_class is not None else cfg.forget_ratio,
-                           cls=cfg.forget_class, seed=cfg.seed)
-    forget_ds, retain_ds = data.split_forget(train_ds, fids)
-    bs = cfg.batch_size
+# ------------------------------------------------------------------------------------------ experiment
 
-    def shuffled(ds, offset):  # a fresh loader per use: each method sees the same seeded order
-        return data.loader(ds, bs, shuffle=True, seed=cfg.seed + offset)
+@dataclass
+class _Data:
+    splits: data.DataSplits
+    train: data.IndexedTensorDataset
+    validation: data.IndexedTensorDataset
+    test: data.IndexedTensorDataset
+    notes: List[str]
 
-    def evaluate(net):
-        return metrics.evaluate(net, forget=data.loader(forget_ds, 512), retain=data.loader(retain_ds, 512),
-                                test=data.loader(test_ds, 512), seed=cfg.seed)
 
-    def factory():
-        return models.make_model(cfg.model, splits.input_shape, splits.num_classes)
+class Experiment:
+    """The trained original of one configuration, read against any number of forget sets.
 
-    model = factory()
-    lr = cfg.lr if cfg.lr is not None else models.recommended_lr(cfg.model)
-    tcfg = TrainConfig(epochs=cfg.epochs, batch_size=bs, lr=lr, seed=cfg.seed)
-    recorders = {}  # one recording per store-reading method: dense (amnesiac) or pruned at keep_ratio
-    for m in cfg.methods:
-        cls = get_method(m)
-        if cls.needs_store:
-            kw = {} if cls.record_keep_ratio is None else {"keep_ratio": cfg.keep_ratio}
-            recorders[m] = cls.recorder(model, **kw)
-    stores = {m: rec.store for m, rec in recorders.items()}
-    start = time.perf_counter()
-    train(model, shuffled(train_ds, 0), tcfg, recorders=list(recorders.values()),
-          progress="train original" if progress else None)
-    train_seconds = time.perf_counter() - start
-    for s in stores.values():
-        s.flush()
+    ``Experiment(cfg)`` validates the configuration and loads the data (nothing is trained yet);
+    :meth:`train` trains the original while recording one store per store-reading method and keep ratio;
+    :meth:`forget_ids` draws the configured forget set; :meth:`run` unlearns a forget set with every method
+    and returns the result dict (``results.json``).
+    """
 
-    context = {"num_classes": splits.num_classes, "train_config": tcfg, "model_factory": factory,
-               "keep_ratio": cfg.keep_ratio, "seed": cfg.seed, "lr": lr}
-    rows = {"original": dict(evaluate(model), seconds=train_seconds, weights_sha256=_weights_digest(model))}
-    order = sorted(cfg.methods, key=lambda m: m != "retrain")  # Retrain first: the others are read against it
-    methods_bar = tqdm(order, desc="unlearning", leave=False, disable=not progress)
-    for name in methods_bar:
-        methods_bar.set_postfix_str(name)
+    def __init__(self, cfg: ExperimentConfig):
+        validate_config(cfg)
+        self.cfg = cfg
+        self.data = self._load()
+        self.model: Optional[torch.nn.Module] = None
+        self.stores: Dict[Tuple[str, Optional[float]], object] = {}
+        self.train_seconds = 0.0
+        self.lr = cfg.lr if cfg.lr is not None else models.recommended_lr(cfg.model)
+        self.train_config = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=self.lr, seed=cfg.seed)
+
+    def _load(self) -> _Data:
+        cfg = self.cfg
+        sizes = dict(train_size=cfg.train_size, test_size=cfg.test_size, seed=cfg.seed)
+        splits = data.default_dataset(cfg.root, **sizes) if cfg.dataset == "auto" else \
+            data.load_dataset(cfg.dataset, cfg.root, **sizes)
+        notes = []
+        for name, ds in (("train_size", splits.train), ("test_size", splits.test)):
+            asked = getattr(cfg, name)
+            if asked is not None and asked > len(ds):
+                notes.append(f"{name} {asked} asked for; {splits.name} has {len(ds)}: all of it used")
+        if cfg.forget_class is not None and cfg.forget_class >= splits.num_classes:
+            raise ValueError(f"forget_class must be in [0, {splits.num_classes}) for {splits.name}, "
+                             f"got {cfg.forget_class}")
+        validation, test = validation_split(splits.test, cfg.seed)
+        if len(test) < MIN_FORGET:
+            raise ValueError(f"test_size: the reported test half holds {len(test)} samples; the loss-LR attack "
+                             f"needs at least {MIN_FORGET}")
+        return _Data(splits, splits.train, validation, test, notes)
+
+    # ---------------------------------------------------------------------------------------- forget set
+    def forget_ids(self) -> torch.Tensor:
+        """The configured forget set (a seeded random fraction, or a whole class), checked for size."""
+        cfg = self.cfg
+        ids = data.forget_ids(self.data.train, ratio=None if cfg.forget_class is not None else cfg.forget_ratio,
+                              cls=cfg.forget_class, seed=cfg.seed)
+        if ids.numel() < MIN_FORGET:
+            raise ValueError(f"forget_ratio {cfg.forget_ratio} of {len(self.data.train)} training samples gives "
+                             f"{ids.numel()} forget samples; the loss-LR attack needs at least {MIN_FORGET} "
+                             f"(and 50 for a reliable figure): use forget_ratio >= "
+                             f"{MIN_FORGET / len(self.data.train):.4g}")
+        return ids
+
+    # ------------------------------------------------------------------------------------------ training
+    def _store_keys(self) -> List[Tuple[str, Optional[float]]]:
+        """(method, keep ratio) of every store the selected methods read: dense for naive amnesiac, one per r
+        of the sweep for partial amnesiac."""
+        keys = []
+        for m in self.cfg.methods:
+            cls = get_method(m)
+            if cls.needs_store:
+                keys += [(m, None)] if cls.record_keep_ratio is None else [(m, r) for r in self.cfg.ratios()]
+        return keys
+
+    def _new_store(self, method: str, ratio: Optional[float]):
+        if self.cfg.store_dir is None:
+            return None  # the recorder's default MemoryStore
+        os.makedirs(self.cfg.store_dir, exist_ok=True)
+        tag = "dense" if ratio is None else f"r{ratio:g}"
+        return DiskStore(os.path.join(self.cfg.store_dir, f"{method}-{tag}-seed{self.cfg.seed}.ulx"))
+
+    def train(self, progress: bool = True) -> torch.nn.Module:
+        """Train the original model with the configured recipe, recording every store the methods need."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model = self.model_factory()
+        recorders = {}
+        for method, ratio in self._store_keys():
+            kw = {} if ratio is None else {"keep_ratio": ratio}
+            recorders[(method, ratio)] = get_method(method).recorder(
+                model, store=self._new_store(method, ratio), value_dtype=VALUE_DTYPES[cfg.value_dtype], **kw)
+        start = time.perf_counter()
+        train(model, self._loader(self.data.train, 0), self.train_config, recorders=list(recorders.values()),
+              progress="train original" if progress else None)
+        self.train_seconds = time.perf_counter() - start
+        self.stores = {k: rec.store for k, rec in recorders.items()}
+        for s in self.stores.values():
+            s.flush()
+        self.model = model
+        return model
+
+    def model_factory(self) -> torch.nn.Module:
+        splits = self.data.splits
+        return models.make_model(self.cfg.model, splits.input_shape, splits.num_classes)
+
+    def _loader(self, ds, offset: int):  # a fresh loader per use: each method sees the same seeded order
+        return data.loader(ds, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed + offset)
+
+    def close(self) -> None:
+        for s in self.stores.values():
+            s.close()
+
+    def run_once(self, progress: bool = True) -> dict:
+        """Train, unlearn the configured forget set with every method, release the stores, and return the
+        result dict (``results.json``): config (with the sizes used), environment, data sizes (train, forget,
+        retain, validation, reported test), the forgetting target and one row per model — the original, then
+        Retrain, then every other method — with :func:`metrics.evaluate`'s columns, seconds, the method's
+        statistics and effective hyper-parameters, its calibration (tries, met), its verdict (target met,
+        forgot, equals the original), storage, RTE, the gap to Retrain and a digest of the final weights.
+        ``cfg.deterministic`` turns on ``torch.use_deterministic_algorithms`` for the run (restored
+        afterwards): with it, the same config gives bitwise-identical weights on the CPU."""
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(self.cfg.deterministic or was_deterministic)
+        try:
+            ids = self.forget_ids()
+            self.train(progress)
+            return self.run(ids, progress)
+        finally:
+            self.close()
+            torch.use_deterministic_algorithms(was_deterministic)
+
+    # ------------------------------------------------------------------------------------------ unlearning
+    def _rows_to_run(self) -> List[Tuple[str, str, Optional[float]]]:
+        """(row name, method, keep ratio) for every row; Retrain first (the others are read against it); a
+        partial method gets a row per r of a sweep, named ``"<method> r=<r>"``."""
+        ratios = self.cfg.ratios()
+        rows = []
+        for m in sorted(self.cfg.methods, key=lambda m: m != "retrain"):
+            partial = m == "partial_amnesiac" or m in ("partial_label_flip", "partial_optimization")
+            if partial and len(ratios) > 1:
+                rows += [(f"{m} r={r:g}", m, r) for r in ratios]
+            else:
+                rows.append((m, m, ratios[0] if partial else None))
+        return rows
+
+    def run(self, forget_ids: torch.Tensor, progress: bool = True, methods: Optional[List[str]] = None,
+            forget_class: Optional[int] = None) -> dict:
+        """Unlearn ``forget_ids`` from the trained original with every selected method (or ``methods``, a
+        subset) and return the result dict (see :meth:`run_once` for its keys). ``forget_class``: the forget
+        set is that whole class (the target is then chance); default: the configuration's. A forget set
+        smaller than the loss-LR attack's :data:`MIN_FORGET` is evaluated without that attack."""
+        if self.model is None:
+            raise RuntimeError("Experiment.run: call train() first")
+        cfg, d, model = self.cfg, self.data, self.model
+        forget_class = cfg.forget_class if forget_class is None else forget_class
+        forget_ds, retain_ds = data.split_forget(d.train, forget_ids)
+        evaluate_sets = dict(forget=data.loader(forget_ds, 512), retain=data.loader(retain_ds, 512),
+                             test=data.loader(d.test, 512), lr_mia=len(forget_ds) >= MIN_FORGET)
+
+        def evaluate(net):
+            return metrics.evaluate(net, seed=cfg.seed, **evaluate_sets)
+
+        target = forgetting_target(model, data.loader(d.validation, 512), forget_class, d.splits.num_classes)
+        original = dict(evaluate(model), seconds=self.train_seconds, weights_sha256=_weights_digest(model),
+                        validation_accuracy=metrics.accuracy(model, data.loader(d.validation, 512)))
+        rows = {"original": original}
+        facts = {"seed": cfg.seed, "num_classes": d.splits.num_classes, "model_factory": self.model_factory,
+                 "train_config": self.train_config}
+        forget_batches = math.ceil(len(forget_ds) / cfg.batch_size)
+        todo = [r for r in self._rows_to_run() if methods is None or r[1] in methods]
+        bar = tqdm(todo, desc="unlearning", leave=False, disable=not progress)
+        for row_name, name, ratio in bar:
+            bar.set_postfix_str(row_name)
+            rows[row_name] = self._method_row(name, ratio, facts, forget_ds, retain_ds, target, forget_batches,
+                                              evaluate, original)
+        if "retrain" in rows:
+            for name, row in rows.items():
+                if "skipped" in row or "diverged" in row:
+                    continue
+                row["gap"] = metrics.gap_to(rows["retrain"], row)
+                if name != "original":
+                    row["rte"] = metrics.rte(rows["retrain"]["seconds"], row["seconds"])
+        config = asdict(cfg)  # with the sizes used: None where the whole split was (see "notes")
+        config.update({k: None if getattr(cfg, k) is None or getattr(cfg, k) > len(ds) else len(ds)
+                       for k, ds in (("train_size", d.train), ("test_size", d.splits.test))})
+        f = len(forget_ds) / len(d.train)
+        return {"config": config, "environment": _environment(), "dataset": d.splits.name,
+                "dataset_source": d.splits.source, "dataset_notes": d.splits.notes, "notes": d.notes,
+                "sizes": {"train": len(d.train), "forget": len(forget_ds), "retain": len(retain_ds),
+                          "validation": len(d.validation), "test": len(d.test)},
+                "train_config": self.train_config.to_dict(),
+                "forgetting_target": {"value": target.value, "basis": target.basis},
+                "fraction_of_steps_with_forget": fraction_of_steps_with_forget(f, cfg.batch_size)
+                if forget_class is None else 1.0,
+                "rows": rows}
+
+    def _method_row(self, name, ratio, facts, forget_ds, retain_ds, target: ForgettingTarget, forget_batches,
+                    evaluate, original) -> dict:
+        cfg, model = self.cfg, self.model
         cls = get_method(name)
         reason = cls.unsupported(model)
         if reason:  # e.g. MSG/CT on a model without conv layers: say so in the table, run the rest
-            rows[name] = {"skipped": reason}
-            continue
-        hp = {k: v for k, v in context.items() if k in cls.defaults}
-        hp.update(cfg.method_hparams.get(name, {}))
-        net = copy.deepcopy(model)
-        torch.manual_seed(cfg.seed)  # each method's randomness independent of which others ran
-        result = unlearn(cls(), net, forget=shuffled(forget_ds, 2), retain=shuffled(retain_ds, 3),
-                         store=stores.get(name), **hp)
+            return {"skipped": reason}
+        user = cfg.method_hparams.get(name, {})
+        hp = method_hparams(name, cls.defaults, facts, self.lr, ratio if ratio is not None else cfg.keep_ratio, user)
+        store = self.stores.get((name, ratio if cls.record_keep_ratio is not None else None))
+
+        def run(hparams):
+            net = copy.deepcopy(model)
+            torch.manual_seed(cfg.seed)  # each method's randomness independent of which others ran
+            result = unlearn(cls(), net, forget=self._loader(forget_ds, 2), retain=self._loader(retain_ds, 3),
+                             store=store, **hparams)
+            return net, result
+
+        calibration = None
+        if cfg.calibrate and supports_calibration(cls.defaults):
+            net, result, calibration = calibrated_run(run, name, cls.defaults, hp, user, target.value, forget_batches)
+        else:
+            net, result = run(hp)
         try:
             scores = evaluate(net)
         except metrics.NonFiniteOutputs as e:  # e.g. certified unlearning's noise at a strict (ε, δ)
             scores = {"diverged": f"non-finite outputs after unlearning ({e})"}
         row = dict(scores, seconds=result.seconds, stats=result.stats, weights_sha256=_weights_digest(net))
-        if name in stores:
-            row.update(storage_bytes=stores[name].nbytes(), dense_bytes=stores[name].dense_equivalent_nbytes())
-        rows[name] = row
-    if "retrain" in rows:
-        for name, row in rows.items():
-            if "skipped" in row or "diverged" in row:
-                continue
-            row["gap"] = metrics.gap_to(rows["retrain"], row)
-            if name != "original":
-                row["rte"] = metrics.rte(rows["retrain"]["seconds"], row["seconds"])
-    f = len(forget_ds) / len(train_ds)
-    return {"config": asdict(cfg), "environment": _environment(), "dataset": splits.name,
-            "dataset_source": splits.source, "dataset_notes": splits.notes,
-            "sizes": {"train": len(train_ds), "forget": len(forget_ds), "retain": len(retain_ds),
-                      "test": len(test_ds)},
-            "train_config": tcfg.to_dict(),
-            "fraction_of_steps_with_forget": fraction_of_steps_with_forget(f, bs)
-            if cfg.forget_class is None else 1.0,
-            "rows": rows}
+        if calibration is not None:
+            row["calibration"] = calibration.to_dict()
+        if "diverged" not in row:
+            row["verdict"] = forgetting_verdict(row, original, target.value)
+        if store is not None:
+            row.update(storage_bytes=store.nbytes(), dense_bytes=store.dense_equivalent_nbytes())
+        return row
+
+
+def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
+    """Run ``cfg`` — one training, one forget set — and return the result dict (``results.json``):
+    ``Experiment(cfg).run_once(progress)``, see :meth:`Experiment.run_once`."""
+    return Experiment(cfg).run_once(progress)
+
+
+__all__ = ["DEMO", "DEMO_METHODS", "PAPER_METHODS", "PAPER_KEEP_RATIOS", "Experiment", "ExperimentConfig",
+           "demo_config", "fraction_of_steps_with_forget", "run_experiment", "validate_config"]

@@ -1,4 +1,4 @@
-"""Presenting an experiment: the results table, results.json and the PNG chart."""
+"""Presenting an experiment: the results table, the summary and leakage lines, results.json and the PNG chart."""
 from __future__ import annotations
 
 import json
@@ -6,12 +6,17 @@ import math
 import os
 from typing import Dict, List, Optional
 
+from .protocol import MIN_MIA_MEMBERS, mia_reliable
+
 COLUMNS = [  # (header, row key of metrics.evaluate / run_experiment, format)
     ("RA", "RA", "{:.3f}"), ("FA", "FA", "{:.3f}"), ("TA", "TA", "{:.3f}"),
     ("MIA (SVC, D_f member)", "MIA", "{:.3f}"), ("LR-MIA acc", "LR_MIA", "{:.3f}"), ("indisc.", "indisc", "{:.3f}"),
-    ("storage MB", "storage_mb", "{:.2f}"), ("seconds", "seconds", "{:.1f}"), ("RTE", "rte", "{:.1f}"),
-    ("Avg.Gap", "avg_gap", "{:.3f}"), ("steps undone", "steps_undone", "{:.1%}"),
+    ("forgetting", "forgetting", "{}"), ("storage MB", "storage_mb", "{:.2f}"), ("seconds", "seconds", "{:.1f}"),
+    ("RTE", "rte", "{:.1f}"), ("Avg.Gap", "avg_gap", "{:.3f}"), ("steps undone", "steps_undone", "{:.1%}"),
 ]
+#: Columns computed by a membership attack: marked † in a row whose attack had too few members.
+MIA_KEYS = ("MIA", "LR_MIA", "indisc")
+UNRELIABLE = "†"
 
 
 def metric(row: dict, key: str) -> Optional[float]:
@@ -31,44 +36,104 @@ def storage_cell(row: dict) -> str:
     return "" if v is None else f"{v / 1e6:.2f} of {row['dense_bytes'] / 1e6:.2f} dense"
 
 
-def _cell(row: dict, key: str, fmt: str) -> str:
+def forgetting_cell(row: dict, target: Optional[float] = None) -> str:
+    """The row's forgetting in words: the target for the original; for a method whether it met the target
+    (calibrated: in how many steps at which learning rate, or after how many tries it missed), after the
+    row's flag ("no forgetting", "weights equal the original's") if it has one."""
+    verdict = row.get("verdict")
+    if verdict is None:
+        return "" if target is None else f"target FA ≤ {target:.3f}"
+    cal = row.get("calibration")
+    if cal:
+        kept = cal["tries"][cal["chosen"]]
+        lr = "" if kept["lr"] is None else f", lr {kept['lr']:.3g}"
+        how = (f"met in {kept['steps']} steps{lr}" if verdict["met"] else
+               f"missed after {len(cal['tries'])} tries (budget {cal['budget_epochs']} epochs{lr})")
+    else:
+        stats = row.get("stats", {})
+        steps = stats.get("steps", stats.get("finetune_steps"))
+        how = ("met" if verdict["met"] else "missed (not calibrated)") + ("" if steps is None else f", {steps} steps")
+    return "; ".join(x for x in (verdict["flag"], how) if x)
+
+
+def _cell(row: dict, key: str, fmt: str, target: Optional[float]) -> str:
     if key == "storage_mb":
         return storage_cell(row)
+    if key == "forgetting":
+        return forgetting_cell(row, target)
     v = metric(row, key)
-    return "" if v is None else fmt.format(v)
+    if v is None:
+        return ""
+    return fmt.format(v) + (UNRELIABLE if key in MIA_KEYS and not mia_reliable(row) else "")
 
 
 def table(result: dict) -> str:
-    """A markdown table: one row per model, the retrained model's row first after the original."""
+    """A markdown table: one row per model, the retrained model's row first after the original; a footnote
+    when a membership figure rests on fewer than :data:`~.protocol.MIN_MIA_MEMBERS` members per group."""
+    target = result.get("forgetting_target", {}).get("value")
     heads = ["method"] + [h for h, _, _ in COLUMNS]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    unreliable = False
     for name, row in result["rows"].items():
         note = row.get("skipped") and f"skipped: {row['skipped']}" or row.get("diverged")
         if note:
             lines.append(f"| {name} | {note} |" + " |" * (len(heads) - 2))
             continue
-        lines.append("| " + " | ".join([name] + [_cell(row, k, f) for _, k, f in COLUMNS]) + " |")
+        unreliable |= not mia_reliable(row)
+        lines.append("| " + " | ".join([name] + [_cell(row, k, f, target) for _, k, f in COLUMNS]) + " |")
+    if unreliable:
+        lines += ["", f"{UNRELIABLE} unreliable: the membership attack had fewer than {MIN_MIA_MEMBERS} members per "
+                      "group (D_f or the reported test half)."]
     return "\n".join(lines)
 
 
 def summary(result: dict) -> str:
+    """The data, sizes, steps-undone fraction and forgetting target of a run, and its notes."""
     s = result["sizes"]
-    return (f"data set {result['dataset']} ({result['dataset_source']}): train {s['train']}, forget "
-            f"{s['forget']}, retain {s['retain']}, test {s['test']}; model {result['config']['model']}; "
-            f"fraction of training steps holding a forget sample: "
-            f"{result['fraction_of_steps_with_forget']:.1%} (the steps amnesiac methods undo)")
+    lines = [f"data set {result['dataset']} ({result['dataset_source']}): train {s['train']}, forget "
+             f"{s['forget']}, retain {s['retain']}, validation {s.get('validation', '-')}, test {s['test']}; "
+             f"model {result['config']['model']}; fraction of training steps holding a forget sample: "
+             f"{result['fraction_of_steps_with_forget']:.1%} (the steps amnesiac methods undo)"]
+    target = result.get("forgetting_target")
+    if target:
+        lines.append(f"forgetting target: FA ≤ {target['value']:.3f} ({target['basis']})")
+    lines += [f"note: {n}" for n in result.get("notes", [])]
+    return "\n".join(lines)
+
+
+#: SPEC §7: the original leaks measurably when its SVC member fraction of D_f is at least 0.10 above
+#: Retrain's, or its loss-LR attack accuracy at least 0.05 above.
+LEAK_MARGINS = (("MIA", "SVC member fraction of D_f", 0.10), ("LR_MIA", "loss-LR MIA accuracy", 0.05))
+
+
+def leaks(result: dict) -> Optional[bool]:
+    """Whether the original model leaks membership measurably against Retrain (:data:`LEAK_MARGINS`); None
+    without a Retrain row."""
+    rows = result["rows"]
+    if "retrain" not in rows or "MIA" not in rows["retrain"]:
+        return None
+    return any(rows["original"][k] - rows["retrain"][k] >= margin for k, _, margin in LEAK_MARGINS
+               if k in rows["original"] and k in rows["retrain"])
 
 
 def leakage(result: dict) -> str:
     """One line on whether the original model leaks membership — the MIA columns mean something only if it
-    does — read against Retrain (which never saw D_f)."""
+    does — read against Retrain (which never saw D_f), with the verdict of :func:`leaks` and the unreliable
+    mark."""
     rows = result["rows"]
+    original, ref = rows["original"], rows.get("retrain", {})
     parts = []
-    for key, what in (("LR_MIA", "loss-LR MIA accuracy (chance 0.5)"), ("MIA", "SVC member fraction of D_f")):
-        ref = rows.get("retrain", {}).get(key)
-        if rows["original"].get(key) is not None:
-            parts.append(f"{what} {rows['original'][key]:.3f}" + ("" if ref is None else f" vs Retrain {ref:.3f}"))
-    return "membership leakage of the original model: " + "; ".join(parts)
+    for key, what, _ in LEAK_MARGINS:
+        if original.get(key) is None:
+            continue
+        diff = "" if ref.get(key) is None else f" vs Retrain {ref[key]:.3f} ({original[key] - ref[key]:+.3f})"
+        parts.append(f"{what} {original[key]:.3f}{diff}")
+    verdict = {None: "", True: " — leaks measurably",
+               False: " — does NOT leak measurably (SVC < +0.10 and loss-LR < +0.05 above Retrain): the MIA columns "
+                      "say little about unlearning here"}[leaks(result)]
+    mark = "" if mia_reliable(original) else \
+        f" {UNRELIABLE} unreliable: fewer than {MIN_MIA_MEMBERS} members per attack group"
+    return "membership leakage of the original model: " + "; ".join(parts) + verdict + mark
 
 
 def write_text(text: str, path: str) -> None:
@@ -82,29 +147,34 @@ def write_json(result: dict, path: str) -> None:
     write_text(json.dumps(result, indent=2, default=repr), path)
 
 
+#: The chart's bars: (legend label, row key).
+CHART_KEYS = [("RA: retain accuracy", "RA"), ("FA: forget accuracy", "FA"), ("TA: test accuracy", "TA"),
+              ("SVC MIA: fraction of D_f called member", "MIA")]
+
+
 def chart(result: dict, path: str) -> None:
-    """Grouped bars of RA, FA, TA and MIA per method, the retrained model's values as dashed lines."""
+    """Grouped bars of RA, FA, TA and the SVC MIA per method, the retrained model's values as dashed lines
+    (for every bar, closer to Retrain's line is better); the legend sits below the axes so it hides no bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names: List[str] = [n for n, row in result["rows"].items() if "skipped" not in row and "diverged" not in row]
-    keys = [("RA", "RA"), ("FA", "FA"), ("TA", "TA"), ("MIA", "MIA")]
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(names)), 4.5))
-    width = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(names)), 5.2))
+    width = 0.8 / len(CHART_KEYS)
     retrain: Dict[str, float] = result["rows"].get("retrain", {})
-    for j, (label, key) in enumerate(keys):
-        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(names))]
+    for j, (label, key) in enumerate(CHART_KEYS):
+        xs = [i + (j - (len(CHART_KEYS) - 1) / 2) * width for i in range(len(names))]
         bar = ax.bar(xs, [result["rows"][n].get(key, float("nan")) for n in names], width, label=label)
         if key in retrain:
             ax.axhline(retrain[key], color=bar.patches[0].get_facecolor(), ls="--", lw=0.8)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("score (dashed: Retrain)")
+    ax.set_ylabel("score (dashed: Retrain's; closer is better)")
     ax.set_title(f"{result['dataset']} / {result['config']['model']}: unlearning methods vs Retrain")
-    ax.legend(ncol=4, fontsize=8, loc="lower left")
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), ncol=2, fontsize=8, loc="lower center", frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
