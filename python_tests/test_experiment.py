@@ -77,21 +77,20 @@ def test_table_puts_steps_undone_beside_amnesiac_rows_and_reports_leakage(result
     assert f"{result['rows']['original']['LR_MIA']:.3f} vs Retrain {result['rows']['retrain']['LR_MIA']:.3f}" in line
 
 
-def test_demo_trains_to_memorisation_and_run_keeps_the_papers_epochs(monkeypatch):
-    from unlearn_ext.experiment import DEMO_EPOCHS
+def test_demo_defaults_and_run_keeps_the_papers_protocol(monkeypatch):
+    from unlearn_ext.experiment import DEMO, fraction_of_steps_with_forget
 
     seen = []
-    monkeypatch.setattr(cli, "_experiments", lambda args, out: seen.append(args) or 0)
+    monkeypatch.setattr(cli, "_experiments", lambda todo, out, progress: seen.append(todo) or 0)
+    monkeypatch.setattr(cli, "_prepare", lambda args, out: [cli._config(args, args.seeds[0])])
     cli.main(["demo"])
     cli.main(["run"])
-    demo, run = seen
-    assert demo.epochs == DEMO_EPOCHS == 100 and run.epochs == 8
-    assert (demo.batch_size, demo.forget_ratio, demo.model) == (128, 0.01, "lenet")
-
-
-def test_cli_rejects_unknown_method():
-    with pytest.raises(ValueError, match="unknown method"):
-        cli.main(["run", "--dataset", "digits", "--methods", "nope", "--no-progress"])
+    demo, run = seen[0][0], seen[1][0]
+    assert (demo.epochs, demo.batch_size, demo.train_size, demo.value_dtype) == (40, 16, 6000, "float16")
+    assert {k: getattr(demo, k) for k in DEMO} == DEMO
+    assert round(demo.forget_ratio * demo.train_size) >= 50  # each attack group has >= 50 members
+    assert fraction_of_steps_with_forget(demo.forget_ratio, demo.batch_size) <= 0.15  # the amnesiac regime
+    assert (run.epochs, run.batch_size, run.forget_ratio, run.model) == (8, 128, 0.01, "lenet")
 
 
 def test_a_diverged_method_is_reported_not_fatal():
