@@ -1,0 +1,96 @@
+"""MNIST / Fashion-MNIST idx files written here, read through the real loaders."""
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from data_writers import RNG, idx_bytes, truncate, write_idx_set
+from unlearn_ext.data import DataSplits, default_dataset, load_dataset, load_fashion_mnist, load_mnist, loader, read_idx
+from unlearn_ext.data import idx
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx_loads(tmp_path, gz):
+    arrays = write_idx_set(tmp_path / "MNIST" / "raw", gz=gz)
+    d = load_mnist(tmp_path)
+    assert isinstance(d, DataSplits) and d.name == "mnist" and d.num_classes == 10
+    assert d.input_shape == (1, 28, 28) and len(d.train) == 30 and len(d.test) == 12
+    assert d.train.x.dtype == torch.float32 and float(d.train.x.min()) >= 0 and float(d.train.x.max()) <= 1
+    np.testing.assert_array_equal((d.train.x[:, 0] * 255).round().numpy().astype(np.uint8),
+                                  arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(d.test.y.numpy(), arrays["t10k-labels-idx1-ubyte"])
+    assert torch.equal(d.train.ids, torch.arange(30))
+    x, y, ids = next(iter(loader(d.train, batch_size=8)))
+    assert x.shape == (8, 1, 28, 28) and y.dtype == torch.int64 and torch.equal(ids, torch.arange(8))
+
+
+def test_read_idx_gz_equals_raw(tmp_path):
+    arr = RNG.integers(0, 256, (3, 5, 4), dtype=np.uint8)
+    (tmp_path / "a").write_bytes(idx_bytes(arr))
+    (tmp_path / "b.gz").write_bytes(gzip.compress(idx_bytes(arr)))
+    np.testing.assert_array_equal(read_idx(tmp_path / "a"), arr)
+    np.testing.assert_array_equal(read_idx(tmp_path / "b.gz"), arr)
+
+
+def test_missing_mnist_names_paths_and_how(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        load_mnist(tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte") in msg and "download" in msg
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_truncated_idx_raises_valueerror_naming_file(tmp_path, gz):
+    write_idx_set(tmp_path / "MNIST" / "raw", gz=gz)
+    bad = tmp_path / "MNIST" / "raw" / ("train-images-idx3-ubyte" + (".gz" if gz else ""))
+    truncate(bad)
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte"):
+        load_mnist(tmp_path)
+
+
+def test_corrupt_idx_header_and_mismatch(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x08\x03\x00\x00" + b"\x00" * 20)
+    with pytest.raises(ValueError, match="bad magic"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "float").write_bytes(b"\x00\x00\x0d\x01" + struct.pack(">I", 1) + b"\x00" * 4)
+    with pytest.raises(ValueError, match="unsigned byte"):
+        read_idx(tmp_path / "float")
+    folder = tmp_path / "MNIST" / "raw"
+    write_idx_set(folder, gz=False)
+    (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(29, np.uint8)))  # one label short
+    with pytest.raises(ValueError, match="do not match"):
+        load_mnist(tmp_path)
+    (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.full(30, 10, np.uint8)))  # label 10
+    with pytest.raises(ValueError, match="labels must be in"):
+        load_mnist(tmp_path)
+
+
+def test_fashion_mnist_root_takes_precedence(tmp_path):
+    write_idx_set(tmp_path / "FashionMNIST" / "raw", n_train=20, gz=False)
+    d = load_dataset("fashion-mnist", tmp_path)
+    assert d.name == "fashion_mnist" and len(d.train) == 20
+    assert d.source == str(tmp_path / "FashionMNIST" / "raw")
+
+
+def test_fashion_mnist_missing_and_default_falls_back_to_digits(tmp_path, monkeypatch):
+    monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path)
+    d = default_dataset(tmp_path)
+    assert d.name == "digits" and d.input_shape == (1, 8, 8)
+    assert "not found" in d.notes["reason"] and "dataset-fashion-mnist" in d.notes["reason"]
+
+
+@pytest.mark.skipif(not (idx.DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_from_debian_package(tmp_path):
+    d = load_fashion_mnist(tmp_path)  # nothing under tmp_path: the installed files are used
+    assert (len(d.train), len(d.test)) == (60000, 10000) and d.input_shape == (1, 28, 28)
+    assert d.source == str(idx.DEBIAN_FASHION_MNIST)
+    assert torch.bincount(d.train.y).tolist() == [6000] * 10 and torch.bincount(d.test.y).tolist() == [1000] * 10
+    assert 0.27 < float(d.train.x.mean()) < 0.30  # Fashion-MNIST's well-known pixel mean, 0.286
+    chosen = default_dataset(tmp_path, train_size=500, test_size=100)
+    assert chosen.name == "fashion_mnist" and "found" in chosen.notes["reason"] and len(chosen.train) == 500
+
