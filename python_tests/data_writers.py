@@ -45,17 +45,24 @@ def write_cifar(root, n=4):
 
 
 def write_svhn(root, n_train=7, n_test=5):
-    import scipy.io
-
     folder = root / "svhn"
     folder.mkdir(parents=True)
     out = {}
     for split, n in (("train", n_train), ("test", n_test)):
         x = RNG.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
         y = ((np.arange(n) + 9) % 10 + 1).reshape(-1, 1).astype(np.uint8)  # 10, 1, 2, ...: 10 means digit 0
-        scipy.io.savemat(str(folder / f"{split}_32x32.mat"), {"X": x, "y": y})
+        write_svhn_split(folder, split, x, y)
         out[split] = (x, y)
     return folder, out
+
+
+def write_svhn_split(folder, split, x, y):
+    """``folder/{split}_32x32.mat`` holding ``X`` (H×W×3×N) and ``y`` (N×1) as given; returns its path."""
+    import scipy.io
+
+    path = folder / f"{split}_32x32.mat"
+    scipy.io.savemat(str(path), {"X": x, "y": y})
+    return path
 
 
 def write_medmnist(root, n=(9, 4, 6), channels=None):

@@ -1,5 +1,6 @@
 """CIFAR-10 python pickle batches written here, read through the real loader and its restricted unpickler."""
 import pickle
+import re
 from collections import OrderedDict
 
 import numpy as np
@@ -38,3 +39,26 @@ def test_cifar10_missing_truncated_corrupt_and_unsafe(tmp_path):
     with pytest.raises(ValueError, match="not allowed"):
         load_cifar10(tmp_path)
 
+
+
+@pytest.mark.parametrize("labels", [["cat"] * 4, [float("nan")] * 4, [1.5] * 4, [2**70] * 4, [True] * 4,
+                                    [[1, 2], [3]], [-1] * 4, [10] * 4, [1, 2, 3]],
+                         ids=["strings", "nan", "fraction", "huge", "bool", "ragged", "negative", "ten", "short"])
+def test_cifar_bad_labels_name_the_file(tmp_path, labels):
+    folder, _ = write_cifar(tmp_path)
+    batch = cifar_batch(4)
+    batch[b"labels"] = labels
+    (folder / "data_batch_2").write_bytes(pickle.dumps(batch))
+    with pytest.raises(ValueError, match=re.escape(str(folder / "data_batch_2"))):
+        load_cifar10(tmp_path)
+
+
+def test_cifar_whole_number_float_labels_load_and_an_empty_batch_is_refused(tmp_path):
+    folder, _ = write_cifar(tmp_path)
+    batch = cifar_batch(4)
+    batch[b"labels"] = np.array([3.0, 0.0, 9.0, 1.0])
+    (folder / "data_batch_1").write_bytes(pickle.dumps(batch))
+    assert load_cifar10(tmp_path).train.y[:4].tolist() == [3, 0, 9, 1]
+    (folder / "test_batch").write_bytes(pickle.dumps(cifar_batch(0)))
+    with pytest.raises(ValueError, match=re.escape(str(folder / "test_batch")) + ".*no samples"):
+        load_cifar10(tmp_path)

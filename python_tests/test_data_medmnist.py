@@ -1,4 +1,6 @@
 """medmnist .npz files written here in the real format, read through the real loader."""
+import re
+
 import numpy as np
 import pytest
 
@@ -32,3 +34,43 @@ def test_organamnist_missing_truncated_incomplete(tmp_path):
     with pytest.raises(ValueError, match="lacks"):
         load_organamnist(tmp_path)
 
+
+
+@pytest.mark.parametrize("case, says", [
+    ("fraction", "whole numbers"), ("nan", "nan"), ("strings", "integers"), ("negative", "0..10"),
+    ("eleven", "0..10"), ("multi-label", "shape (9, 2)"), ("no-samples", "no samples"),
+    ("count-mismatch", "9 images but 8 labels"), ("smaller-test-images", "(1, 20, 20)")])
+def test_organamnist_bad_content_names_the_file(tmp_path, case, says):
+    path, arrays = write_medmnist(tmp_path)
+    labels = arrays["train_labels"].astype(np.float64)
+    if case == "fraction":
+        arrays["train_labels"] = labels + 0.5
+    elif case == "nan":
+        labels[3] = np.nan
+        arrays["train_labels"] = labels
+    elif case == "strings":
+        arrays["train_labels"] = labels.astype(str)
+    elif case == "negative":
+        arrays["train_labels"] = labels.astype(np.int64) - 1
+    elif case == "eleven":
+        arrays["train_labels"] = labels.astype(np.int64) + 3  # 3..11
+    elif case == "multi-label":
+        arrays["train_labels"] = np.zeros((9, 2), np.uint8)
+    elif case == "no-samples":
+        arrays["train_images"], arrays["train_labels"] = arrays["train_images"][:0], arrays["train_labels"][:0]
+    elif case == "count-mismatch":
+        arrays["train_labels"] = arrays["train_labels"][:8]
+    else:
+        arrays["test_images"] = arrays["test_images"][:, :20, :20]
+    np.savez_compressed(path, **arrays)
+    with pytest.raises(ValueError, match=re.escape(str(path))) as e:
+        load_organamnist(tmp_path)
+    assert says in str(e.value)
+
+
+def test_npy_saved_as_npz_names_the_file(tmp_path):
+    path = tmp_path / "organamnist.npz"
+    with open(path, "wb") as f:
+        np.save(f, np.zeros((4, 28, 28), np.uint8))
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        load_organamnist(tmp_path)

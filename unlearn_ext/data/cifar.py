@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .checks import int_labels, same_count
 from .core import DataSplits
 from .finish import finish_splits
 from .root import PathLike, data_root
@@ -40,10 +41,12 @@ def read_cifar_batch(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or "labels" not in batch:
         raise ValueError(f"{path}: CIFAR batch lacks 'data' or 'labels' (keys {sorted(batch)})")
-    data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
-        raise ValueError(f"{path}: data {data.dtype}{data.shape} / labels {labels.shape} are not "
-                         "uint8 N×3072 and N")
+    data = batch["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        found = f"{data.dtype}{data.shape}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
+        raise ValueError(f"{path}: data is {found}, expected a uint8 N×3072 array")
+    labels = int_labels(str(path), batch["labels"], 0, 9)
+    same_count(str(path), len(data), len(labels))
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -61,5 +64,5 @@ def load_cifar10(root: Optional[PathLike] = None, **kw) -> DataSplits:
     train_x = np.concatenate([b[0] for b in batches[:5]])
     train_y = np.concatenate([b[1] for b in batches[:5]])
     return finish_splits("cifar10", train_x, train_y, *batches[5], num_classes=10, source=str(folder),
-                   files=[str(folder / n) for n in names], **kw)
+                         files=[str(folder / n) for n in names], **kw)
 

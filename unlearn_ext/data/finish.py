@@ -1,5 +1,5 @@
-"""What every file loader does last: check labels, subsample (seeded), convert to float32 [0, 1] channels
-first, optionally standardise with the training set's statistics; ids 0..n-1."""
+"""What every loader does last: check that train and test images match, subsample (seeded), convert to float32
+[0, 1] channels first, optionally standardise with the training set's statistics; ids 0..n-1."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -29,17 +29,20 @@ def _to_float(x) -> torch.Tensor:
 
 
 def finish_splits(name: str, train_x, train_y, test_x, test_y, *, num_classes: int, source: str,
-            files: Sequence[str] = (), train_size: Optional[int] = None, test_size: Optional[int] = None,
-            seed: int = 0, normalize: bool = False, notes: Optional[dict] = None) -> DataSplits:
-    """Check labels, subsample (seeded), convert to float32 [0, 1], optionally standardise; ids 0..n-1."""
+                  files: Sequence[str] = (), train_size: Optional[int] = None, test_size: Optional[int] = None,
+                  seed: int = 0, normalize: bool = False, notes: Optional[dict] = None) -> DataSplits:
+    """Subsample (seeded), convert to float32 [0, 1], optionally standardise; ids 0..n-1.
+
+    ``*_x``: N×C×H×W images; ``*_y``: int64 labels the reader has checked (in range, one per image). Train
+    and test images must have the same C×H×W; ``files`` are named when they do not.
+    """
+    if train_x.shape[1:] != test_x.shape[1:] or 0 in train_x.shape[1:]:
+        raise ValueError(f"{name}: train images of shape {tuple(train_x.shape[1:])} and test images of shape "
+                         f"{tuple(test_x.shape[1:])} must be the same, non-empty size ({', '.join(files)})")
     out_notes = dict(notes or {}, files=list(files))
     parts = []
     for split, x, y, size, s in (("train", train_x, train_y, train_size, seed),
                                  ("test", test_x, test_y, test_size, seed + 1)):
-        y = np.array(y, dtype=np.int64)
-        if y.size and (y.min() < 0 or y.max() >= num_classes):
-            raise ValueError(f"{name}: {split} labels must be in [0, {num_classes}), found "
-                             f"{y.min()}..{y.max()} ({source})")
         keep = _subsample(len(y), size, s)
         if keep is not None:
             x, y = x[keep], y[keep]

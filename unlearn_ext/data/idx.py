@@ -3,12 +3,14 @@ The header magic (``00 00 08 ndim``) and the sizes it declares are checked again
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from .checks import int_labels, same_count
 from .core import DataSplits
 from .finish import finish_splits
 from .root import PathLike, data_root
@@ -21,11 +23,12 @@ _IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx
               "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
 
 
-def read_idx(path: PathLike) -> np.ndarray:
-    """One idx file (gzipped or raw) as a uint8 array of the shape its header declares.
+def read_idx(path: PathLike, ndim: int) -> np.ndarray:
+    """One idx file (gzipped or raw) as a uint8 array of ``ndim`` dimensions, the shape its header declares.
 
-    Only the unsigned-byte type (``0x08``, used by MNIST and Fashion-MNIST) is accepted. A bad magic, a
-    corrupt gzip stream or a payload whose length differs from the declared sizes raises ``ValueError``.
+    Only the unsigned-byte type (``0x08``, used by MNIST and Fashion-MNIST) is accepted. A bad magic, another
+    number of dimensions, a corrupt gzip stream or a payload whose length differs from the declared sizes
+    raises ``ValueError`` naming the file.
     """
     path = Path(path)
     raw = path.read_bytes()
@@ -38,12 +41,13 @@ def read_idx(path: PathLike) -> np.ndarray:
         raise ValueError(f"{path}: not an idx file (bad magic {raw[:4].hex()})")
     if raw[2] != 0x08:
         raise ValueError(f"{path}: idx data type 0x{raw[2]:02x} is not unsigned byte (0x08)")
-    ndim = raw[3]
+    if raw[3] != ndim:
+        raise ValueError(f"{path}: idx header declares {raw[3]} dimensions, expected {ndim}")
     header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
+    if len(raw) < header:
         raise ValueError(f"{path}: truncated idx header")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape))
+    expected = header + math.prod(shape)  # Python ints: a huge declared size cannot overflow
     if len(raw) != expected:
         raise ValueError(f"{path}: idx header declares shape {shape} ({expected} bytes) but the file holds "
                          f"{len(raw)} bytes (truncated or corrupt)")
@@ -67,15 +71,15 @@ def _find_idx_dir(candidates: Sequence[Path], dataset: str, how: str) -> Dict[st
 
 def _load_idx_dataset(name: str, candidates: Sequence[Path], how: str, **kw) -> DataSplits:
     files = _find_idx_dir(candidates, name, how)
-    arrays = {key: read_idx(path) for key, path in files.items()}
+    arrays = []
     for split in ("train", "test"):
-        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise ValueError(f"{files[split + '_x']} / {files[split + '_y']}: images {x.shape} and labels "
-                             f"{y.shape} do not match (expected N×H×W and N)")
-    return finish_splits(name, arrays["train_x"][:, None], arrays["train_y"], arrays["test_x"][:, None],
-                   arrays["test_y"], num_classes=10, source=str(files["train_x"].parent),
-                   files=[str(p) for p in files.values()], **kw)
+        x_path, y_path = files[f"{split}_x"], files[f"{split}_y"]
+        x = read_idx(x_path, 3)
+        y = int_labels(str(y_path), read_idx(y_path, 1), 0, 9)
+        same_count(f"{x_path} / {y_path}", len(x), len(y))
+        arrays += [x[:, None], y]
+    return finish_splits(name, *arrays, num_classes=10, source=str(files["train_x"].parent),
+                         files=[str(p) for p in files.values()], **kw)
 
 
 def load_mnist(root: Optional[PathLike] = None, **kw) -> DataSplits:

@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .checks import int_labels, same_count
 from .core import DataSplits
 from .finish import finish_splits
 from .root import PathLike, data_root
@@ -23,11 +24,11 @@ def read_svhn_mat(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: corrupt or truncated .mat file ({type(e).__name__}: {e})") from None
     if "X" not in mat or "y" not in mat:
         raise ValueError(f"{path}: SVHN .mat lacks 'X' or 'y'")
-    x, y = mat["X"], np.asarray(mat["y"]).reshape(-1).astype(np.int64)
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[2] != 3 or x.shape[3] != len(y):
-        raise ValueError(f"{path}: X {x.dtype}{x.shape} / y {y.shape} are not uint8 H×W×3×N and N")
-    if y.size and (y.min() < 1 or y.max() > 10):
-        raise ValueError(f"{path}: SVHN labels must be 1..10 (10 = digit 0), found {y.min()}..{y.max()}")
+    x = mat["X"]
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[2] != 3:
+        raise ValueError(f"{path}: X is {x.dtype}{x.shape}, expected uint8 H×W×3×N")
+    y = int_labels(f"{path} (y; 10 means digit 0)", mat["y"], 1, 10)
+    same_count(str(path), x.shape[3], len(y))
     return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), y % 10
 
 
@@ -46,5 +47,5 @@ def load_svhn(root: Optional[PathLike] = None, **kw) -> DataSplits:
             "(format 2, cropped digits).")
     (train_x, train_y), (test_x, test_y) = (read_svhn_mat(p) for p in paths)
     return finish_splits("svhn", train_x, train_y, test_x, test_y, num_classes=10, source=str(folder),
-                   files=[str(p) for p in paths], **kw)
+                         files=[str(p) for p in paths], **kw)
 
