@@ -65,13 +65,14 @@ def write_svhn_split(folder, split, x, y):
     return path
 
 
-def write_medmnist(root, n=(9, 4, 6), channels=None):
+def write_medmnist(root, n=(9, 4, 6), channels=None, flag="organamnist", num_classes=11):
+    """``root/<flag>.npz`` as medmnist writes it: uint8 images N×28×28[×C] and labels N×1 per split."""
     arrays = {}
     for split, count in zip(("train", "val", "test"), n):
         shape = (count, 28, 28) if channels is None else (count, 28, 28, channels)
         arrays[f"{split}_images"] = RNG.integers(0, 256, shape, dtype=np.uint8)
-        arrays[f"{split}_labels"] = (np.arange(count) % 11).reshape(-1, 1).astype(np.uint8)
-    path = root / "organamnist.npz"
+        arrays[f"{split}_labels"] = (np.arange(count) % num_classes).reshape(-1, 1).astype(np.uint8)
+    path = root / f"{flag}.npz"
     np.savez_compressed(path, **arrays)
     return path, arrays
 
