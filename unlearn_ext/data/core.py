@@ -3,10 +3,10 @@ by seed, and loaders yield ``(x, y, sample_id)`` batches."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 Tensor = torch.Tensor
 
