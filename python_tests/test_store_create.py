@@ -153,3 +153,14 @@ def test_a_second_handle_of_this_process_is_told_the_file_is_open_here(tmp_path)
     assert len(second) == 2
     first.close()
     assert _ids(path) == [0, 1]
+
+
+def test_a_created_store_gets_the_permissions_of_any_new_file(tmp_path):
+    """The temporary file becomes the store (a hard link), so it is created as open() would create the
+    store itself: mode 0o666 less the umask, not a private temp file's 0o600."""
+    old = os.umask(0o022)
+    try:
+        _fill(DiskStore(tmp_path / "s.ulx"), 1, 0)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s.ulx").stat().st_mode & 0o777 == 0o644

@@ -23,8 +23,8 @@ import fcntl
 import mmap
 import os
 import queue
+import itertools
 import sys
-import tempfile
 import threading
 import warnings
 import weakref
@@ -41,6 +41,7 @@ from .store import RecordInfo, UpdateStore
 # The handles of this process that are appending, by (device, inode) of their file: a second handle
 # that cannot lock the file is told it is open here, not in another process.
 _APPENDING: "weakref.WeakValueDictionary[Tuple[int, int], DiskStore]" = weakref.WeakValueDictionary()
+_TEMP_IDS = itertools.count()
 
 
 def _close_at_exit(ref) -> None:
@@ -149,9 +150,10 @@ class DiskStore(UpdateStore):
         if d.count_mismatch:
             parts.append(f"Its trailer says it holds {d.expected} records, so {abs(d.expected - d.kept)} "
                          f"record(s) are {'missing' if d.expected > d.kept else 'unaccounted for'}")
+        if d.torn_tail:
+            parts.append(f"Its torn end was dropped ({d.regions[-1]})")
         if d.unclean:
-            torn = f", and the torn end was dropped ({d.regions[-1]})" if d.torn_tail else ""
-            parts.append(f"It was not closed cleanly (no valid trailer){torn}: its writer was killed, crashed or "
+            parts.append("It was not closed cleanly (no valid trailer): its writer was killed, crashed or "
                          "failed to write, or is still writing, or the file was cut; records appended after "
                          "the last intact one that had not reached the file are not in it")
         return ". ".join(parts) + "."
@@ -159,8 +161,9 @@ class DiskStore(UpdateStore):
     # -- writing ----------------------------------------------------------------------------------
     def _create(self, manifest: Manifest) -> None:
         data = fmt.file_start(manifest) + fmt.trailer(0)
+        tmp = f"{self.path}.tmp{os.getpid()}.{next(_TEMP_IDS)}"  # unique to this call
         try:
-            fd, tmp = tempfile.mkstemp(prefix=os.path.basename(self.path) + ".tmp", dir=self._folder())
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except OSError as e:
             raise type(e)(e.errno, f"cannot create the store {self.path}: {e.strerror}") from None
         try:
@@ -173,7 +176,7 @@ class DiskStore(UpdateStore):
             try:
                 os.unlink(tmp)
             except OSError:
-                pass
+                pass  # the link failed and took nothing, or the file is in place: the name is not needed
         dfd = os.open(self._folder(), os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -324,7 +327,7 @@ class DiskStore(UpdateStore):
             os.fsync(self._file.fileno())
         except OSError as e:
             try:
-                self._file.truncate(self._end)  # a torn trailer would read as a torn record
+                self._file.truncate(self._end)  # no torn trailer: the file just lacks one
             except OSError:
                 pass
             raise OSError(e.errno, f"{self!r}: writing the trailer at close failed ({e.strerror or e}); all "
