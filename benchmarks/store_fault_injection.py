@@ -136,8 +136,8 @@ def main(argv=None) -> int:
               "counting as one) with the intact steps on either side, reported a damaged or cut-off trailer as "
               "not closed cleanly and an intact trailer whose count the lost records contradict, warned "
               "whenever it reported anything, and `strict=True` raised on damage or a contradicted count.",
-              "", "## Disk full", "", "| how | trials | failed creating the manifest | failed at a record | failed at the trailer "
-              "| records kept |",
+              "", "## Disk full", "",
+              "| how | trials | failed creating the manifest | failed at a record | failed at the trailer | records kept |",
               "|---|---|---|---|---|---|"]
     for how in sorted({f["how"] for f in fulls}):
         rows = [f for f in fulls if f["how"] == how]

@@ -14,7 +14,6 @@ from torch import nn
 
 warnings.filterwarnings("ignore", message="unlearn_ext: compiled kernels not loaded")
 
-from unlearn_ext import ops  # noqa: E402
 from unlearn_ext.record import DiskStore, Manifest, UpdateRecorder  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -196,7 +195,7 @@ def _poison(path, where, value: float, dtype: torch.dtype) -> None:
     _, n_ids, n_layers = struct.unpack_from("<qII", data, body)
     assert 1 not in data[body + 16:body + 16 + n_layers]  # no INDEX segment: its indices would come first
     first_value = body + 16 + ((n_layers + 7) & ~7) + 8 * n_layers + 8 * n_ids
-    data[first_value:first_value + dtype.itemsize] = torch.tensor([value], dtype=dtype).view(torch.uint8).numpy().tobytes()
+    data[first_value:first_value + dtype.itemsize] = torch.tensor([value], dtype=dtype).view(torch.uint8).tolist()
     struct.pack_into("<I", data, offset + 12, zlib.crc32(data[body:offset + size]))
     struct.pack_into("<I", data, offset + 16, zlib.crc32(data[offset:offset + 16]))
     path.write_bytes(bytes(data))

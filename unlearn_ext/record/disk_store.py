@@ -13,17 +13,17 @@ The bytes are those of :mod:`.disk_format`. What the file promises:
 * ``close()`` writes the trailer with the record count; a file without it was not closed cleanly, and
   opening it says so (``dropped.unclean`` and a warning).
 * One handle writes a file at a time (an exclusive ``flock``, taken by the first append); readers may
-  open it meanwhile (they see no trailer yet).
+  open it meanwhile (they find no trailer yet, and report it as not closed cleanly).
 """
 from __future__ import annotations
 
 import atexit
 import errno
 import fcntl
+import itertools
 import mmap
 import os
 import queue
-import itertools
 import sys
 import threading
 import warnings
