@@ -1,499 +1,37 @@
-"""Fault injection for DiskStore (issue 8): kill the recording process at random points, corrupt bytes,
-fill the disk — and check what reopening the store keeps and reports.
+"""DiskStore fault injection report (issue 8): kill the recording process at random points, corrupt
+bytes, fill the disk — many trials — and write what reopening the store kept and reported.
 
     python benchmarks/store_fault_injection.py --kills 240 --corruptions 200 --disk-full 24 \
         --out benchmarks/results/store_faults.md
 
-Every trial records a small MLP's training run (``UpdateRecorder`` into a ``DiskStore``) in a forked
-child process. The same run without faults gives the *golden* file of each configuration (dense fp32,
-partial r=10% fp16, r=50% bf16, r=1% fp32; the child runs one thread, so it is deterministic). Faults:
-
-* **kill (time)** — the parent SIGKILLs the child at a uniformly random moment of its run (up to 0.9× the
-  golden run's duration, which includes starting and closing);
-* **kill (byte)** — the child's writer SIGKILLs its own process after a uniformly random number of
-  record bytes has reached the file (so a tear lands anywhere: in a header, a body, on a boundary);
-* **corruption** — a copy of a golden file gets random bytes flipped, a block zeroed or overwritten
-  with garbage, or is truncated; reopening must keep exactly the records whose bytes are unchanged;
-* **disk full** — the child records under ``RLIMIT_FSIZE`` (``EFBIG``) or into a tiny tmpfs
-  (``ENOSPC``, when this machine lets us mount one) until the write fails.
-
-After a kill the reopened store must: open without error, hold steps 0..n-1 whose bytes are a prefix of
-the golden file, hold every step the child had seen ``flush()`` return for, report at most a torn tail,
-lose at most the one record being written (child flushing every step) or at most the queue plus one
-(no flush), and accept the next record (appending after the dropped tail gives the golden bytes).
-
-The test suite (python_tests/test_store_faults.py) runs the same trials, fewer of them.
+The trials and their promises are python_tests/fault_injection.py (the test suite,
+python_tests/test_store_faults.py, runs a few dozen of them); this front end runs many and writes the
+report.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
-import errno
 import os
 import platform
 import random
-import resource
-import select
-import shutil
-import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-import unlearn_ext
-from unlearn_ext.record import DiskStore, UpdateRecorder
-from unlearn_ext.results import write_text
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "python_tests")]  # this source tree's package and test harness
 
-CONFIGS = {
-    "dense-fp32": (None, torch.float32),
-    "r10-fp16": (0.1, torch.float16),
-    "r50-bf16": (0.5, torch.bfloat16),
-    "r1-fp32": (0.01, torch.float32),
-}
-N_STEPS = 24
-_EVENT = struct.Struct("<ci")
+import unlearn_ext  # noqa: E402
+from fault_injection import (CONFIGS, N_STEPS, corruption_trial, disk_full_trial, kill_trial,  # noqa: E402
+                             make_golden, make_model, tmpfs_available, warm_up)
+from unlearn_ext.results import write_text  # noqa: E402
 
-
-# -- the recording run (executed in a forked child) ----------------------------------------------------
-
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(48, 192), nn.ReLU(), nn.Linear(192, 192), nn.ReLU(), nn.Linear(192, 10))
-
-
-def batches(n_steps: int = N_STEPS, batch: int = 16):
-    g = torch.Generator().manual_seed(1)
-    n = n_steps * batch
-    x, y = torch.randn(n, 48, generator=g), torch.randint(0, 10, (n,), generator=g)
-    ids = torch.randperm(n, generator=g)
-    for s in range(n_steps):
-        b = ids[s * batch:(s + 1) * batch]
-        yield x[b], y[b], b
-
-
-class _KillingFile:
-    """A file whose owner process is SIGKILLed once ``budget`` more bytes would have been written."""
-
-    def __init__(self, f, budget: int):
-        self._f, self.left = f, budget
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        if len(view) <= self.left:
-            n = self._f.write(view)
-            self.left -= n
-            return n
-        if self.left:
-            self._f.write(view[:self.left])
-        os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(60)  # never reached
-        raise AssertionError("SIGKILL did not kill")
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-
-class KillingDiskStore(DiskStore):
-    """DiskStore whose writer kills the process after ``kill_after`` record bytes (test harness only)."""
-
-    kill_after: Optional[int] = None
-
-    def _open_writer(self):
-        f = super()._open_writer()
-        return f if self.kill_after is None else _KillingFile(f, self.kill_after)
-
-
-def _emit(fd: Optional[int], tag: bytes, value: int = 0) -> None:
-    if fd is not None:
-        os.write(fd, _EVENT.pack(tag, value))
-
-
-def record_run(path: str, config: str, *, max_pending: int = 4, flush_every: bool = True,
-               kill_after: Optional[int] = None, report_fd: Optional[int] = None, n_steps: int = N_STEPS) -> None:
-    """Train ``make_model()`` for ``n_steps`` SGD steps, recording into ``path``. Events on ``report_fd``:
-    ``S`` started, ``A k`` step k about to be appended, ``F k`` flush() returned after step k, ``C`` closed,
-    ``E errno`` the store raised OSError."""
-    keep_ratio, value_dtype = CONFIGS[config]
-    model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    store = KillingDiskStore(path, max_pending=max_pending)
-    store.kill_after = kill_after
-    _emit(report_fd, b"S")
-    try:
-        rec = UpdateRecorder(model, keep_ratio=keep_ratio, store=store, value_dtype=value_dtype)
-        for step, (x, y, ids) in enumerate(batches(n_steps)):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            _emit(report_fd, b"A", step)
-            with rec.step(ids):
-                opt.step()
-            if flush_every:
-                store.flush()
-                _emit(report_fd, b"F", step)
-        store.close()
-        _emit(report_fd, b"C")
-    except OSError as e:
-        _emit(report_fd, b"E", e.errno or 0)
-        if report_fd is not None:
-            msg = str(e).encode()[:4000]
-            os.write(report_fd, _EVENT.pack(b"M", len(msg)) + msg)
-        raise
-
-
-@dataclass
-class ChildResult:
-    status: int  # os.waitpid status
-    events: List[tuple]
-    message: str
-    seconds: float
-
-    @property
-    def killed(self) -> bool:
-        return os.WIFSIGNALED(self.status) and os.WTERMSIG(self.status) == signal.SIGKILL
-
-    def steps(self, tag: bytes) -> List[int]:
-        return [v for t, v in self.events if t == tag]
-
-
-def run_child(target, *, kill_delay: Optional[float] = None, fsize_limit: Optional[int] = None,
-              timeout: float = 60.0) -> ChildResult:
-    """Fork, run ``target(report_fd)`` in the child (one torch thread), optionally SIGKILL it
-    ``kill_delay`` seconds after it started; collect its events."""
-    r, w = os.pipe()
-    t0 = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 1
-        try:
-            os.close(r)
-            torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
-            if fsize_limit is not None:
-                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
-                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                target(w)
-            code = 0
-        except OSError:
-            code = 3
-        except BaseException:  # noqa: BLE001
-            import traceback
-            traceback.print_exc()
-            code = 2
-        finally:
-            os._exit(code)
-    os.close(w)
-    raw = bytearray()
-    started = killed = None
-    deadline = time.monotonic() + timeout
-    while True:
-        now = time.monotonic()
-        if started is None and raw:
-            started = now
-        if kill_delay is not None and started is not None and killed is None and now - started >= kill_delay:
-            os.kill(pid, signal.SIGKILL)
-            killed = now
-        if now > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(r)
-            raise AssertionError("the child process hung")
-        wait = 0.05
-        if kill_delay is not None and started is not None and killed is None:
-            wait = max(0.0, min(wait, started + kill_delay - now))
-        ready, _, _ = select.select([r], [], [], wait)
-        if ready:
-            chunk = os.read(r, 1 << 16)
-            if not chunk:
-                break
-            raw += chunk
-    _, status = os.waitpid(pid, 0)
-    os.close(r)
-    events, message, o = [], "", 0
-    while o + _EVENT.size <= len(raw):
-        tag, value = _EVENT.unpack_from(raw, o)
-        o += _EVENT.size
-        if tag == b"M":
-            message = raw[o:o + value].decode(errors="replace")
-            o += value
-        else:
-            events.append((tag, value))
-    return ChildResult(status, events, message, time.perf_counter() - t0)
-
-
-# -- golden runs ----------------------------------------------------------------------------------------
-
-@dataclass
-class Golden:
-    config: str
-    path: str
-    data: bytes
-    seconds: float
-    store: DiskStore
-
-    @property
-    def header_end(self) -> int:
-        return self.store._where[0][0]
-
-    def record_range(self, i: int):
-        offset, size = self.store._where[i]
-        return offset, offset + size
-
-
-def warm_up(workdir: str) -> None:
-    """One short recording run in this process, so that the lazy imports of the first optimizer step
-    (torch._dynamo, about a second) happen once here rather than in every forked child."""
-    path = os.path.join(workdir, "warm-up.ulx")
-    record_run(path, "r10-fp16", n_steps=2)
-    os.unlink(path)
-
-
-def make_golden(workdir: str, config: str) -> Golden:
-    path = os.path.join(workdir, f"golden-{config}.ulx")
-    if os.path.exists(path):
-        os.unlink(path)
-    res = run_child(lambda fd: record_run(path, config, report_fd=fd, flush_every=False))
-    if res.status != 0 or res.steps(b"C") != [0]:
-        raise RuntimeError(f"golden run {config} failed (status {res.status})")
-    with open(path, "rb") as f:
-        data = f.read()
-    store = DiskStore(path)
-    if len(store) != N_STEPS or store.dropped:
-        raise RuntimeError(f"golden run {config} is incomplete")
-    return Golden(config, path, data, res.seconds, store)
-
-
-def _sample(items, rng: random.Random, k: int = 3) -> list:
-    """The first and last of ``items`` and ``k - 2`` random others (what gets fully decoded)."""
-    items = list(items)
-    if len(items) <= k:
-        return items
-    return sorted({items[0], items[-1], *rng.sample(items[1:-1], k - 2)})
-
-
-def _check_prefix(store: DiskStore, golden: Golden, path: str) -> int:
-    """The store's intact records are a byte prefix of the golden file; returns their count."""
-    n = len(store)
-    assert store.steps() == list(range(n)), f"steps {store.steps()} are not 0..{n - 1}"
-    end = store._where[-1][0] + store._where[-1][1] if n else golden.header_end
-    assert store._where == golden.store._where[:n], "records are not where the golden file has them"
-    with open(path, "rb") as f:
-        assert f.read(end) == golden.data[:end], "the intact records differ from the golden run's"
-    for i in _sample(range(n), random.Random(n)):  # and they decode to the golden updates
-        for a, b in zip(store.load_batch([i]), golden.store.load_batch([i])):
-            assert torch.equal(a, b)
-    return n
-
-
-def _check_resume(path: str, golden: Golden, n: int) -> None:
-    """Appending the next golden record after a kill gives the golden file's bytes."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        store = DiskStore(path, model=make_model())
-    if n < N_STEPS:
-        (nxt,) = golden.store.records([n])
-        store.append(n, nxt.sample_ids, nxt.values, nxt.indices, nxt.offsets)
-        n += 1
-    store.close()
-    again = DiskStore(path)
-    assert not again.dropped and len(again) == n, f"after resuming: {again.dropped}, {len(again)} records"
-    end = golden.record_range(n - 1)[1]
-    with open(path, "rb") as f:
-        assert f.read() == golden.data[:end], "the resumed file differs from the golden file"
-
-
-# -- trials ---------------------------------------------------------------------------------------------
-
-def kill_trial(workdir: str, golden: Golden, rng: random.Random, mode: str) -> Dict:
-    """One kill; returns what happened. Raises AssertionError when the store broke a promise."""
-    path = os.path.join(workdir, "kill.ulx")
-    for p in (path,):
-        if os.path.exists(p):
-            os.unlink(p)
-    max_pending = rng.choice([1, 2, 4, 16])
-    flush_every = rng.random() < 0.5
-    if mode == "byte":
-        budget = rng.randrange(0, len(golden.data) - golden.header_end + 1)
-        res = run_child(lambda fd: record_run(path, golden.config, max_pending=max_pending,
-                                              flush_every=flush_every, kill_after=budget, report_fd=fd))
-    else:
-        delay = rng.uniform(0.0, 0.9 * golden.seconds)  # golden.seconds includes the fork and the close
-        res = run_child(lambda fd: record_run(path, golden.config, max_pending=max_pending,
-                                              flush_every=flush_every, report_fd=fd), kill_delay=delay)
-    if not res.killed:
-        assert res.status == 0 and res.steps(b"C") == [0], f"child exited with status {res.status}"
-    leftovers = [f for f in os.listdir(workdir) if f.startswith("kill.ulx.tmp")]
-    for f in leftovers:  # a kill while the manifest was being created leaves its temporary file
-        os.unlink(os.path.join(workdir, f))
-    out = {"mode": mode, "config": golden.config, "killed": res.killed, "flush_every": flush_every,
-           "max_pending": max_pending}
-    flushed = res.steps(b"F")
-    appended = res.steps(b"A")
-    if not os.path.exists(path):
-        assert not flushed and not appended, "records were confirmed but the store file is missing"
-        out.update(phase="before manifest", kept=0, lost=0, torn=False)
-        return out
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        store = DiskStore(path)  # must open
-    assert not caught, f"reopening warned: {[str(w.message) for w in caught]}"
-    assert not store.dropped.damaged, f"a kill caused damage other than a torn tail: {store.dropped}"
-    assert store.dropped.count <= 1
-    n = _check_prefix(store, golden, path)
-    if flushed:
-        assert n >= max(flushed) + 1, f"step {max(flushed)} was flushed but only {n} records survived"
-    lost = (max(appended) + 1 if appended else 0) - n
-    if res.killed:
-        bound = 1 if flush_every else max_pending + 2
-        assert lost <= bound, f"lost {lost} records (bound {bound})"
-    else:
-        assert n == N_STEPS
-    torn = store.dropped.torn_tail
-    if torn:
-        region = store.dropped.regions[0]
-        assert n < N_STEPS and region.offset == golden.record_range(n)[0], "the torn tail is misplaced"
-    _check_resume(path, golden, n)
-    out.update(phase="mid-record" if torn else ("after the run" if not res.killed else "between records"),
-               kept=n, lost=max(lost, 0), torn=torn)
-    return out
-
-
-def _merge(ranges):
-    out = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return [tuple(r) for r in out]
-
-
-def corruption_trial(workdir: str, golden: Golden, rng: random.Random, kind: Optional[str] = None) -> Dict:
-    """Damage a copy of a golden file; reopening must keep exactly the unchanged records and report the
-    damaged byte ranges (merged when adjacent) as dropped."""
-    data = bytearray(golden.data)
-    start, size = golden.header_end, len(data)
-    kind = kind or rng.choice(["flip", "flip-many", "zero-block", "garbage-block", "truncate", "flip-last"])
-    if kind == "flip":
-        data[rng.randrange(start, size)] ^= 1 << rng.randrange(8)
-    elif kind == "flip-many":
-        for _ in range(rng.randint(2, 6)):
-            data[rng.randrange(start, size)] ^= rng.randrange(1, 256)
-    elif kind in ("zero-block", "garbage-block"):
-        lo = rng.randrange(start, size)
-        hi = min(size, lo + rng.randint(1, 4096))
-        data[lo:hi] = bytes(hi - lo) if kind == "zero-block" else rng.randbytes(hi - lo)
-    elif kind == "flip-last":
-        lo, hi = golden.record_range(N_STEPS - 1)
-        data[rng.randrange(lo, hi)] ^= 1 << rng.randrange(8)
-    elif kind == "truncate":
-        del data[rng.randrange(start, size):]
-    path = os.path.join(workdir, "corrupt.ulx")
-    with open(path, "wb") as f:
-        f.write(data)
-    ranges = [golden.record_range(i) for i in range(N_STEPS)]
-    changed = [i for i, (lo, hi) in enumerate(ranges) if bytes(data[lo:hi]) != golden.data[lo:hi]]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        store = DiskStore(path)
-    kept = [i for i in range(N_STEPS) if i not in changed]
-    assert store.steps() == kept, f"{kind}: kept {store.steps()}, expected {kept}"
-    for (lo, hi), i in zip(store._where, kept):
-        assert (lo, lo + hi) == ranges[i]
-    for i in _sample(kept, rng):  # they decode to the golden updates (their bytes are unchanged by definition)
-        for a, b in zip(store.load_batch([i]), golden.store.load_batch([i])):
-            assert torch.equal(a, b)
-    expected = _merge([(ranges[i][0], min(ranges[i][1], len(data))) for i in changed if ranges[i][0] < len(data)])
-    got = [(r.offset, r.offset + r.nbytes) for r in store.dropped.regions]
-    assert got == expected, f"{kind}: dropped {got}, expected {expected}"
-    for r in store.dropped.regions:
-        before = [i for i in kept if ranges[i][1] <= r.offset]
-        after = [i for i in kept if ranges[i][0] >= r.offset + r.nbytes]
-        assert r.after_step == (before[-1] if before else None) and r.before_step == (after[0] if after else None)
-    damaged = store.dropped.damaged
-    assert bool(caught) == bool(damaged), "damage must warn, a torn tail alone need not"
-    if damaged:
-        with pytest_raises(ValueError):
-            DiskStore(path, strict=True)
-    return {"kind": kind, "damaged_records": len(changed), "kept": len(kept), "regions": len(got),
-            "warned": bool(caught)}
-
-
-@contextlib.contextmanager
-def pytest_raises(exc):
-    try:
-        yield
-    except exc:
-        return
-    raise AssertionError(f"{exc.__name__} was not raised")
-
-
-def disk_full_trial(workdir: str, golden: Golden, rng: random.Random, how: str = "rlimit",
-                    limit: Optional[int] = None) -> Dict:
-    """Record until the file system refuses: the child must get OSError (EFBIG/ENOSPC) naming the failed
-    step, and every record before it stays readable."""
-    d = os.path.join(workdir, "full")
-    os.makedirs(d, exist_ok=True)
-    mounted = False
-    if how == "tmpfs":
-        limit = limit or 4096 * rng.randint(1, max(1, len(golden.data) // 4096))
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={limit}", "tmpfs", d], check=True,
-                       capture_output=True)
-        mounted = True
-    try:
-        path = os.path.join(d, "full.ulx")
-        if os.path.exists(path):
-            os.unlink(path)
-        if how == "rlimit":
-            limit = limit if limit is not None else rng.randrange(1, len(golden.data))
-        res = run_child(lambda fd: record_run(path, golden.config, max_pending=rng.choice([1, 4]),
-                                              flush_every=rng.random() < 0.5, report_fd=fd),
-                        fsize_limit=limit if how == "rlimit" else None)
-        want = errno.EFBIG if how == "rlimit" else errno.ENOSPC
-        assert os.WIFEXITED(res.status), f"the child died: status {res.status}"
-        assert [v for t, v in res.events if t == b"E"] == [want], \
-            f"expected one OSError errno {want}, got {res.events[-3:]} (exit {os.WEXITSTATUS(res.status)})"
-        assert not res.steps(b"C"), "close() succeeded although records were lost"
-        leftovers = [f for f in os.listdir(d) if ".tmp" in f]
-        assert not leftovers, f"temporary files left behind: {leftovers}"
-        if not os.path.exists(path):  # the manifest itself did not fit
-            assert "step" not in res.message
-            return {"how": how, "limit": limit, "kept": 0, "phase": "manifest", "message": res.message}
-        store = DiskStore(path)
-        assert not store.dropped, f"a full disk left damage: {store.dropped}"
-        n = _check_prefix(store, golden, path)
-        assert f"writing the record of step {n} failed" in res.message, res.message
-        assert f"the {n} record(s) before it are on disk" in res.message, res.message
-        flushed = res.steps(b"F")
-        assert not flushed or max(flushed) < n
-        return {"how": how, "limit": limit, "kept": n, "phase": "records", "message": res.message}
-    finally:
-        if mounted:
-            subprocess.run(["umount", d], check=False, capture_output=True)
-
-
-def tmpfs_available(workdir: str) -> bool:
-    d = os.path.join(workdir, "probe")
-    os.makedirs(d, exist_ok=True)
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        return False
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", d], capture_output=True).returncode == 0
-    if ok:
-        subprocess.run(["umount", d], capture_output=True)
-    return ok
-
-
-# -- the report -------------------------------------------------------------------------------------------
 
 def _machine() -> str:
     model = platform.processor() or "unknown CPU"
@@ -560,17 +98,18 @@ def main(argv=None) -> int:
     for f in failures[:20]:
         lines.append(f"- FAIL {f}")
     lines += ["", "## Kills", "",
-              "| kill | trials | before manifest | between records | mid-record (torn tail dropped) | run finished first | records kept | records lost (mean / max) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| kill | trials | before manifest | between records | mid-record (torn tail dropped) | while closing "
+              "(no trailer) | run finished first | records kept | records lost (mean / max) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for mode in ("time", "byte"):
         rows = [k for k in kills if k["mode"] == mode]
         if not rows:
             continue
         ph = {p: sum(1 for k in rows if k["phase"] == p) for p in
-              ("before manifest", "between records", "mid-record", "after the run")}
+              ("before manifest", "between records", "mid-record", "closing", "after the run")}
         lost = [k["lost"] for k in rows if k["killed"]]
         lines.append(f"| {mode} | {len(rows)} | {ph['before manifest']} | {ph['between records']} | {ph['mid-record']} "
-                     f"| {ph['after the run']} | {sum(k['kept'] for k in rows)} | "
+                     f"| {ph['closing']} | {ph['after the run']} | {sum(k['kept'] for k in rows)} | "
                      f"{(sum(lost) / max(1, len(lost))):.2f} / {max(lost, default=0)} |")
     fe = [k for k in kills if k["killed"] and k["flush_every"]]
     nf = [k for k in kills if k["killed"] and not k["flush_every"]]
@@ -580,27 +119,36 @@ def main(argv=None) -> int:
               f"appended); without it ({len(nf)} runs) at most {max((k['lost'] for k in nf), default=0)} "
               "(the queue, `max_pending` in 1/2/4/16, plus the one being written). Every reopened store held "
               "a byte prefix of the golden file, every step whose `flush()` had returned, at most a torn "
-              "tail, and took the next record (the resumed file equals the golden file's prefix)."]
-    lines += ["", "## Corruption", "", "| damage | trials | damaged records | records kept | regions reported | warned |",
-              "|---|---|---|---|---|---|"]
+              "tail; it reported (and warned only) that the file was not closed cleanly unless the kill came "
+              "after the closing trailer was written, and it took the next record (the resumed, closed file "
+              "equals the golden file's prefix and a trailer counting its records)."]
+    lines += ["", "## Corruption", "", "| damage | trials | damaged records | records kept | regions reported "
+              "| trailer lost (not closed cleanly) | trailer count contradicted | warned |",
+              "|---|---|---|---|---|---|---|---|"]
     for kind in sorted({c["kind"] for c in corruptions}):
         rows = [c for c in corruptions if c["kind"] == kind]
         lines.append(f"| {kind} | {len(rows)} | {sum(c['damaged_records'] for c in rows)} | "
                      f"{sum(c['kept'] for c in rows)} | {sum(c['regions'] for c in rows)} | "
+                     f"{sum(c['unclean'] for c in rows)} | {sum(c['mismatch'] for c in rows)} | "
                      f"{sum(c['warned'] for c in rows)} |")
     lines += ["", "In every trial the reopened store kept exactly the records whose bytes were unchanged (decoding "
-              "to the golden updates), reported the damaged byte ranges (adjacent ones merged) with the intact "
-              "steps on either side, warned unless the only damage was a torn tail, and `strict=True` raised.",
-              "", "## Disk full", "", "| how | trials | failed creating the manifest | failed at a record | records kept |",
-              "|---|---|---|---|---|"]
+              "to the golden updates), reported the damaged byte ranges (adjacent ones merged, the trailer "
+              "counting as one) with the intact steps on either side, reported a damaged or cut-off trailer as "
+              "not closed cleanly and an intact trailer whose count the lost records contradict, warned "
+              "whenever it reported anything, and `strict=True` raised on damage or a contradicted count.",
+              "", "## Disk full", "",
+              "| how | trials | failed creating the manifest | failed at a record | failed at the trailer | records kept |",
+              "|---|---|---|---|---|---|"]
     for how in sorted({f["how"] for f in fulls}):
         rows = [f for f in fulls if f["how"] == how]
         lines.append(f"| {how} | {len(rows)} | {sum(f['phase'] == 'manifest' for f in rows)} | "
-                     f"{sum(f['phase'] == 'records' for f in rows)} | {sum(f['kept'] for f in rows)} |")
+                     f"{sum(f['phase'] == 'records' for f in rows)} | {sum(f['phase'] == 'trailer' for f in rows)} "
+                     f"| {sum(f['kept'] for f in rows)} |")
     example = next((f["message"] for f in fulls if f["phase"] == "records"), "")
     lines += ["", "Each run got exactly one `OSError` (EFBIG under RLIMIT_FSIZE, ENOSPC on the tmpfs) naming the "
-              "step whose record failed, `close()` did not pretend success, no temporary file was left, and "
-              "the reopened store held every record before the failed one, intact and undamaged.",
+              "step whose record failed (or the trailer), `close()` did not pretend success, no temporary file "
+              "was left, and the reopened store held every record before the failed one, intact and "
+              "undamaged, and said the file was not closed cleanly.",
               "", f"Example message: `{example}`", ""]
     text = "\n".join(lines)
     if args.out:

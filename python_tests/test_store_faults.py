@@ -1,11 +1,9 @@
 """DiskStore under faults (issue 8): a recording process killed at random points, bytes corrupted, a full
-disk, and calls that must refuse without writing. The trials come from benchmarks/store_fault_injection.py
-(which runs 200+ of them); here a dozen of each kind, plus targeted cases."""
+disk, and calls that must refuse without writing. The trials come from fault_injection.py (which
+benchmarks/store_fault_injection.py runs 200+ times); here a dozen of each kind, plus targeted cases."""
 import errno
-import importlib.util
 import os
 import random
-import sys
 import threading
 import warnings
 import weakref
@@ -17,15 +15,12 @@ from torch import nn
 
 warnings.filterwarnings("ignore", message="unlearn_ext: compiled kernels not loaded")
 
+import fault_injection as fi  # noqa: E402
 from unlearn_ext import ops  # noqa: E402
 from unlearn_ext.record import DiskStore, MemoryStore, UpdateRecorder  # noqa: E402
-from unlearn_ext.record import store as store_mod  # noqa: E402
-
-_HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "store_fault_injection.py"
-_spec = importlib.util.spec_from_file_location("store_fault_injection", _HARNESS)
-fi = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = fi  # dataclasses look their module up there
-_spec.loader.exec_module(fi)
+from unlearn_ext.record import disk_store  # noqa: E402
+from unlearn_ext.record.disk_format import trailer  # noqa: E402
+from unlearn_ext.record.validation import check_update  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"), pytest.mark.usefixtures("one_thread")]
 
@@ -57,25 +52,42 @@ def test_killed_recording_keeps_every_written_record(mode, workdir, goldens):
 
 
 def test_torn_tail_at_every_point_of_a_record(workdir, goldens):
-    """Cut the file at many points of its last record (and inside its 24-byte header): always the
-    records before it, a torn tail reported and no warning."""
+    """Cut the file at many points of its last record (and inside its 36 bytes of header and fixed
+    body) or of its trailer: always the records before it, a torn tail reported and a warning that
+    says only that the file was not closed cleanly."""
     g = goldens["r1-fp32"]
     lo, hi = g.record_range(fi.N_STEPS - 1)
     path = os.path.join(workdir, "torn.ulx")
-    cuts = list(range(lo + 1, lo + 25)) + list(range(lo + 25, hi, 97)) + [hi - 1]
+    cuts = list(range(lo + 1, lo + 37)) + list(range(lo + 37, hi, 97)) + [hi - 1]
+    cuts += list(range(g.records_end + 1, len(g.data)))  # inside the trailer
     for cut in cuts:
         with open(path, "wb") as f:
             f.write(g.data[:cut])
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            store = DiskStore(path)
-        assert len(store) == fi.N_STEPS - 1
+        store = fi.open_quietly(path)
+        kept = fi.N_STEPS - (cut < g.records_end)
+        assert len(store) == kept and store.dropped.unclean and store.dropped.expected is None
         (region,) = store.dropped.regions
-        assert (region.offset, region.nbytes, region.reason, region.tail) == (lo, cut - lo, "torn tail", True)
-        assert region.after_step == fi.N_STEPS - 2 and region.before_step is None
-    with open(path, "wb") as f:  # a cut exactly on a record boundary leaves nothing to drop
-        f.write(g.data[:lo])
-    assert len(DiskStore(path)) == fi.N_STEPS - 1 and not DiskStore(path).dropped
+        start = lo if cut < g.records_end else g.records_end
+        assert (region.offset, region.nbytes, region.reason, region.tail) == (start, cut - start, "torn tail", True)
+        assert region.after_step == kept - 1 and region.before_step is None
+
+
+@pytest.mark.parametrize("into_trailer", [0, 7])
+def test_a_kill_while_closing_keeps_every_record_and_reports_no_clean_close(into_trailer, workdir, goldens):
+    """Killed as close() writes the trailer (before its first byte, or 7 bytes into it): every record is
+    kept, the file opens as not closed cleanly (a torn trailer as a torn tail), and no damage is claimed."""
+    g = goldens["r1-fp32"]
+    path = os.path.join(workdir, "closing.ulx")
+    if os.path.exists(path):
+        os.unlink(path)
+    budget = g.records_end - g.header_end + into_trailer
+    res = fi.run_child(lambda fd: fi.record_run(path, g.config, flush_every=False, kill_after=budget, report_fd=fd))
+    assert res.killed and not res.steps(b"C")
+    store = fi.open_quietly(path)
+    assert store.steps() == list(range(fi.N_STEPS)) and store.dropped.unclean and not store.dropped.damaged
+    torn = [(r.offset, r.nbytes, r.reason) for r in store.dropped.regions]
+    assert torn == ([(g.records_end, into_trailer, "torn tail")] if into_trailer else [])
+    assert Path(path).read_bytes() == g.data[:g.records_end + into_trailer]
 
 
 # -- corruption -------------------------------------------------------------------------------------------
@@ -203,11 +215,12 @@ def test_write_error_is_raised_not_swallowed(goldens, tmp_path):
     with pytest.raises(OSError, match="step 7 failed"):  # and keeps refusing
         _fill(store, g, [9])
     store.close()  # already reported: close does not raise it again
-    reopened = DiskStore(path)
-    assert reopened.steps() == list(range(7)) and not reopened.dropped  # the cut record was removed
+    reopened = fi.open_quietly(path)
+    assert reopened.steps() == list(range(7)) and not reopened.dropped.regions  # the cut record was removed
+    assert reopened.dropped.unclean  # and the trailer was not written
     assert os.path.getsize(path) == g.record_range(6)[1]
     # a later run resumes after the last good record
-    with DiskStore(path) as again:
+    with fi.open_quietly(path) as again:
         _fill(again, g, range(7, fi.N_STEPS))
     assert Path(path).read_bytes() == g.data
 
@@ -223,7 +236,7 @@ def test_unreported_write_error_surfaces_at_close_and_at_exit(goldens, tmp_path,
             with pytest.raises(OSError, match="step 0 failed"):
                 store.close()
         else:
-            store_mod._close_at_exit(weakref.ref(store))
+            disk_store._close_at_exit(weakref.ref(store))
             assert "step 0 failed" in capsys.readouterr().err
 
 
@@ -311,11 +324,12 @@ def test_refused_calls_write_nothing(kind, goldens, tmp_path):
     store.append(3, rec.sample_ids, values, rec.indices, rec.offsets)  # a good call still works
     store.close()
     if kind == "disk":
-        assert Path(path).read_bytes() == g.data[:g.record_range(3)[1]]
+        closed = g.data[:g.record_range(3)[1]] + trailer(4)
+        assert Path(path).read_bytes() == closed
         store = DiskStore(path)
         with pytest.raises(ValueError, match="closed"):  # a closed store refuses too
             store.close() or store.append(4, rec.sample_ids, values, rec.indices, rec.offsets)
-        assert Path(path).read_bytes() == g.data[:g.record_range(3)[1]]
+        assert Path(path).read_bytes() == closed
 
 
 def test_a_store_of_another_model_raises_naming_it(goldens, tmp_path):
@@ -357,4 +371,4 @@ def test_layerwise_topk_output_is_accepted_as_is():
     """The validation accepts exactly what the recorder produces (int32 ascending indices)."""
     layers = [torch.randn(30, 7), torch.randn(5), torch.randn(1)]
     v, i, o = ops.layerwise_topk(layers, 0.3)
-    store_mod.check_update([t.numel() for t in layers], v, i, o)
+    check_update([t.numel() for t in layers], v, i, o)

@@ -11,9 +11,7 @@ import argparse
 import json
 import math
 import os
-import runpy
 import sys
-from pathlib import Path
 
 from .experiment import DEMO_METHODS, VALUE_DTYPES, Experiment, ExperimentConfig, demo_config, validate_config
 
@@ -184,12 +182,9 @@ def _experiments(todo: list, out: str, progress: bool) -> int:
 
 
 def _bench(rest) -> int:
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ops.py"
-    if not script.exists():
-        raise SystemExit(f"unlearn-ext bench: {script} not found (the benchmarks ship with the source tree)")
-    sys.argv = [str(script)] + list(rest)
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
+    from .bench import main as bench_main
+
+    return bench_main(rest, prog="unlearn-ext bench")
 
 
 def main(argv=None) -> int:
@@ -203,8 +198,8 @@ def main(argv=None) -> int:
                                       help="any configuration of data set, model, methods and forget set")}
     _add_experiment_args(commands["demo"], demo_config())
     _add_experiment_args(commands["run"], ExperimentConfig(methods=list(DEMO_METHODS)))
-    sub.add_parser("bench", help="kernel benchmarks (arguments go to benchmarks/bench_ops.py)",
-                   add_help=False)
+    sub.add_parser("bench", help="kernel benchmarks: each op against the plain-PyTorch way, in the same run "
+                                 "(unlearn-ext bench --help for its options)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return _bench(rest)

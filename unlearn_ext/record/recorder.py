@@ -50,7 +50,9 @@ from torch import nn
 
 from .. import ops
 from ..ops import checks
-from .store import Manifest, MemoryStore, UpdateStore, as_id_tensor, unwrap_model
+from .identity import Manifest, unwrap_model
+from .store import MemoryStore, UpdateStore
+from .validation import as_id_tensor
 
 Tensor = torch.Tensor
 

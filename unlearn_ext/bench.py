@@ -1,0 +1,367 @@
+"""Kernel benchmarks: each unlearn_ext op against the plain-PyTorch way of doing the same job, on the
+parameter shapes of torchvision's ResNet-18 and ResNet-50 (on CUDA also ViT-B/16 and one 10^8-element tensor;
+random values), at keep ratios 1%, 10%, 50%.
+
+Baselines (what a user writes without the extension):
+  layerwise_topk         per-layer loop: torch.topk(|x|.flatten(), k), then gather the signed values
+  layerwise_topk (sub)   the same on the materialised update after - before
+  layerwise_topk_mask    per-layer loop: torch.topk, then zeros + scatter into a bool mask
+  sparse_accumulate_     per-segment loop of dense[l].view(-1).index_add_(0, idx, values, alpha), B=8 updates
+  masked_sgd_            SalUn-style: grad.mul_(mask) per layer, then torch.optim.SGD(foreach=True).step()
+                         (momentum 0.9, weight decay 5e-4); ours with the masks given, and with the top-k
+                         of |grad| selected inside the op; plus the plain SGD step with no mask at all
+  masked_adam_           grad.mul_(mask) + torch.optim.AdamW(foreach=True).step()
+
+Medians of `--reps` timed rounds after a warm-up, ours and the baseline run interleaved in the same
+rounds (so load from other processes hits both alike), speed-up = baseline median / ours median. On
+CUDA also the achieved GB/s of ours against a minimal count of bytes moved (each input read once, each
+output written once).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from . import build_info, ops
+from .results import write_text
+
+RATIOS = (0.01, 0.10, 0.50)
+SGD_HP = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+ADAM_HP = dict(lr=1e-3, weight_decay=1e-2)
+B_UPDATES = 8
+
+# Parameter shapes of torchvision's resnet18 / resnet50 (ImageNet heads), used if torchvision is missing.
+_FALLBACK = None
+
+
+#: Not a model: ``tensor<N>`` is one N-element tensor (``tensor1e8``: the single-layer bandwidth case,
+#: run on CUDA by default; a small N makes a quick smoke run).
+SINGLE_TENSOR = re.compile(r"tensor(\d+(?:e\d+)?)")
+CPU_MODELS = ["resnet18", "resnet50"]
+CUDA_MODELS = ["resnet18", "resnet50", "vit_b_16", "tensor1e8"]
+
+
+def model_shapes(name: str):
+    single = SINGLE_TENSOR.fullmatch(name)
+    if single:
+        return [(int(float(single.group(1))),)]
+    try:
+        import torchvision
+
+        with torch.device("meta"):
+            model = getattr(torchvision.models, name)()
+        return [tuple(p.shape) for p in model.parameters()]
+    except Exception as e:  # pragma: no cover - torchvision is a dependency of the project
+        raise SystemExit(f"bench: needs torchvision for the {name} shapes ({e})")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fns: dict, device, reps: int, warmup: int = 3) -> dict:
+    """Median seconds of each fn over `reps` rounds. The fns run interleaved (one of each per round, in a
+    rotating order), so load from other processes on a shared machine hits all sides alike."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    _sync(device)
+    times = {name: [] for name in names}
+    for r in range(reps):
+        for q in range(len(names)):
+            name = names[(q + r) % len(names)]
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# ---- baselines -------------------------------------------------------------------------------------
+
+def topk_loop(xs, ratio):
+    vals, idxs = [], []
+    for x in xs:
+        flat = x.reshape(-1)
+        k = ops.keep_count(flat.numel(), ratio)
+        _, i = torch.topk(flat.abs(), k)
+        vals.append(flat[i])
+        idxs.append(i)
+    return vals, idxs
+
+
+def topk_sub_loop(after, before, ratio):
+    return topk_loop([a - b for a, b in zip(after, before)], ratio)
+
+
+def mask_loop(xs, ratio):
+    masks = []
+    for x in xs:
+        flat = x.reshape(-1)
+        k = ops.keep_count(flat.numel(), ratio)
+        _, i = torch.topk(flat.abs(), k)
+        m = torch.zeros(flat.numel(), dtype=torch.bool, device=x.device)
+        m[i] = True
+        masks.append(m.view(x.shape))
+    return masks
+
+
+def index_add_loop(dense, values, indices, offsets_list, alpha):
+    L = len(dense)
+    for s in range(len(offsets_list) - 1):
+        lo, hi = offsets_list[s], offsets_list[s + 1]
+        dense[s % L].view(-1).index_add_(0, indices[lo:hi], values[lo:hi], alpha=alpha)
+
+
+# ---- one model, one device --------------------------------------------------------------------------
+
+def bench_model(name, shapes, device, ratios, reps, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    es = torch.empty((), dtype=dtype).element_size()
+    xs = [torch.randn(s, generator=gen).to(dtype).to(device) for s in shapes]
+    before = [(x.float() - 1e-3 * torch.randn(x.shape, generator=gen).to(device)).to(dtype) for x in xs]
+    n = sum(x.numel() for x in xs)
+
+    def row(op, ratio, ours, base, nbytes, baseline):
+        rows.append(dict(model=name, device=str(device), op=op, ratio=ratio, ours_ms=ours * 1e3,
+                         base_ms=base * 1e3 if base is not None else None,
+                         speedup=(base / ours) if base is not None else None,
+                         gbps=(nbytes / ours / 1e9) if device.type == "cuda" else None, baseline=baseline))
+        r = rows[-1]
+        base_s = f"{r['base_ms']:9.2f} ms" if base is not None else "        -   "
+        sp = f"{r['speedup']:6.2f}x" if base is not None else "     - "
+        gb = f"  {r['gbps']:7.1f} GB/s" if r["gbps"] is not None else ""
+        print(f"{name:9s} {str(device):5s} {op:34s} r={ratio:5.0%}  ours {r['ours_ms']:9.2f} ms  "
+              f"base {base_s}  speed-up {sp}{gb}", flush=True)
+
+    for ratio in ratios:
+        k = sum(ops.keep_count(x.numel(), ratio) for x in xs)
+        t = measure({"ours": lambda: ops.layerwise_topk(xs, ratio), "base": lambda: topk_loop(xs, ratio)},
+                    device, reps)
+        ours, base = t["ours"], t["base"]
+        row("layerwise_topk", ratio, ours, base, n * es + k * (es + 4), "per-layer torch.topk loop")
+
+        t = measure({"ours": lambda: ops.layerwise_topk(xs, ratio, subtract=before),
+                     "base": lambda: topk_sub_loop(xs, before, ratio)}, device, reps)
+        ours, base = t["ours"], t["base"]
+        row("layerwise_topk(subtract=)", ratio, ours, base, 2 * n * es + k * (es + 4),
+            "materialise after-before, per-layer torch.topk loop")
+
+        t = measure({"ours": lambda: ops.layerwise_topk_mask(xs, ratio), "base": lambda: mask_loop(xs, ratio)},
+                    device, reps)
+        ours, base = t["ours"], t["base"]
+        row("layerwise_topk_mask", ratio, ours, base, n * es + n, "per-layer torch.topk + scatter")
+
+        # B stored updates applied at once
+        upd = [ops.layerwise_topk([torch.randn(x.shape, generator=gen).to(dtype).to(device) for x in xs], ratio)
+               for _ in range(B_UPDATES)]
+        values = torch.cat([u[0] for u in upd])
+        indices = torch.cat([u[1] for u in upd])
+        offs = [0]
+        for u in upd:
+            offs += (u[2][1:].cpu() + offs[-1]).tolist()
+        offsets = torch.tensor(offs, dtype=torch.int64, device=device)
+        indices_long = indices.long()
+        dense = [x.clone() for x in xs]
+        t = measure({"ours": lambda: ops.sparse_accumulate_(dense, values, indices, offsets, -1.0),
+                     "base": lambda: index_add_loop(dense, values, indices_long, offs, -1.0)}, device, reps)
+        ours, base = t["ours"], t["base"]
+        row(f"sparse_accumulate_ (B={B_UPDATES})", ratio, ours, base, values.numel() * (es + 4 + 2 * es),
+            "per-segment index_add_ loop")
+
+        # masked SGD: ours (masks given / selection inside) vs SalUn-style mask multiply + SGD(foreach)
+        grads = [torch.randn(x.shape, generator=gen).to(dtype).to(device) for x in xs]
+        masks = ops.layerwise_topk_mask(grads, ratio)
+        params = [x.clone() for x in xs]
+        bufs = [torch.zeros_like(x) for x in xs]
+        tparams = [torch.nn.Parameter(x.clone()) for x in xs]
+        opt = torch.optim.SGD(tparams, foreach=True, **SGD_HP)
+
+        def salun_sgd():
+            for p, g, m in zip(tparams, grads, masks):
+                p.grad.copy_(g).mul_(m)
+            opt.step()
+
+        for p, g in zip(tparams, grads):
+            p.grad = g.clone()
+        opt.step()  # creates the momentum buffers
+        t = measure({"base": salun_sgd, "plain": opt.step,
+                     "ours": lambda: ops.masked_sgd_(params, grads, bufs, masks, 1.0, **SGD_HP),
+                     "ours_sel": lambda: ops.masked_sgd_(params, grads, bufs, None, ratio, **SGD_HP),
+                     "base_sel": lambda: (mask_loop(grads, ratio), salun_sgd())}, device, reps)
+        base, plain, ours = t["base"], t["plain"], t["ours"]
+        row("masked_sgd_ (masks given)", ratio, ours, base, n * (5 * es + 1), "grad*mask + SGD(foreach) step")
+        rows[-1]["vs_plain_sgd"] = ours / plain
+        row("  plain SGD(foreach) step, no mask", ratio, plain, None, n * 5 * es, "-")
+        ours, base_sel = t["ours_sel"], t["base_sel"]
+        row("masked_sgd_ (top-k of abs(grad) inside)", ratio, ours, base_sel, n * (5 * es) + n * es,
+            "per-layer topk mask + grad*mask + SGD(foreach) step")
+        rows[-1]["vs_plain_sgd"] = ours / plain
+
+        m1 = [torch.zeros_like(x) for x in xs]
+        m2 = [torch.zeros_like(x) for x in xs]
+        aparams = [torch.nn.Parameter(x.clone()) for x in xs]
+        aopt = torch.optim.AdamW(aparams, foreach=True, **ADAM_HP)
+        for p, g in zip(aparams, grads):
+            p.grad = g.clone()
+        aopt.step()
+
+        def salun_adam():
+            for p, g, m in zip(aparams, grads, masks):
+                p.grad.copy_(g).mul_(m)
+            aopt.step()
+
+        t = measure({"base": salun_adam,
+                     "ours": lambda: ops.masked_adam_(params, grads, m1, m2, masks, 1.0, step=5, **ADAM_HP)},
+                    device, reps)
+        ours, base = t["ours"], t["base"]
+        row("masked_adam_ (masks given)", ratio, ours, base, n * (7 * es + 1), "grad*mask + AdamW(foreach) step")
+        del upd, values, indices, dense, grads, masks, params, bufs, tparams, opt, m1, m2, aparams, aopt
+    return rows
+
+
+# ---- machine facts and output -------------------------------------------------------------------------
+
+def machine_facts():
+    facts = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+             "torch_threads": torch.get_num_threads()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket"):
+                facts[key.strip()] = val.strip()
+    except (OSError, subprocess.SubprocessError):
+        facts["Model name"] = platform.processor() or "unknown"
+    try:
+        facts["loadavg"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name(0)
+    info = build_info()
+    facts["build_info"] = {k: info.get(k) for k in ("version", "backend", "cuda_compiled", "cuda_arch_list",
+                                                     "openmp", "threads", "torch", "torch_cuda")}
+    return facts
+
+
+def write_markdown(path, rows, facts, args, command):
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = ["# unlearn_ext kernel benchmarks", "",
+             f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} with "
+             f"`{command}`.", "",
+             "## Machine", ""]
+    for k, v in facts.items():
+        lines.append(f"- {k}: `{v}`")
+    lines += ["", "Ours and the baseline run interleaved in the same timed rounds (medians of "
+              f"{args.reps or (5 if args.quick else 7)} rounds after 3 warm-up rounds), so load from other "
+              "processes on a shared machine hits both alike; absolute times on a shared VM are noisy, the "
+              "ratios much less so. No GPU rows unless torch.cuda.is_available()."]
+    lines += ["", "Speed-up = baseline median / ours median, both measured in this run (float32, random values "
+              "on the models' parameter shapes). `vs plain SGD` = our masked step / an unmasked "
+              "torch.optim.SGD(foreach) step with the same momentum and weight decay.", ""]
+    gb = any(r["gbps"] is not None for r in rows)
+    head = "| model | device | op | ratio | ours (ms) | baseline (ms) | speed-up | vs plain SGD |"
+    sep = "|---|---|---|---:|---:|---:|---:|---:|"
+    if gb:
+        head += " GB/s |"
+        sep += "---:|"
+    lines += [head, sep]
+    for r in rows:
+        line = (f"| {r['model']} | {r['device']} | {r['op'].strip()} | {r['ratio']:.0%} | {r['ours_ms']:.2f} | "
+                f"{fmt(r['base_ms'], '.2f')} | {fmt(r['speedup'], '.2f')}{'x' if r['speedup'] else ''} | "
+                f"{fmt(r.get('vs_plain_sgd'), '.2f')}{'x' if r.get('vs_plain_sgd') else ''} |")
+        if gb:
+            line += f" {fmt(r['gbps'], '.1f')} |"
+        lines.append(line)
+    lines += ["", "Baselines:", ""]
+    seen = set()
+    for r in rows:
+        if r["baseline"] != "-" and r["op"] not in seen:
+            seen.add(r["op"])
+            lines.append(f"- {r['op'].strip()}: {r['baseline']}")
+    lines += ["", "## Targets", ""] + [f"- {t}" for t in targets(rows)] + [""]
+    write_text("\n".join(lines), path)
+    print(f"wrote {path}")
+
+
+def targets(rows):
+    out = []
+    for r in rows:
+        if r["model"] == "resnet18" and r["op"] == "layerwise_topk" and abs(r["ratio"] - 0.10) < 1e-9:
+            ok = r["speedup"] >= 3.0
+            out.append(f"[{r['device']}] layerwise_topk, ResNet-18, r=10%: {r['speedup']:.2f}x the per-layer "
+                       f"torch.topk loop (target >= 3x): {'met' if ok else 'MISSED'}")
+        if r["op"].startswith("masked_sgd_") and r.get("vs_plain_sgd") is not None and r["model"] == "resnet18":
+            ok = r["vs_plain_sgd"] <= 1.3
+            out.append(f"[{r['device']}] {r['op']}, ResNet-18, r={r['ratio']:.0%}: {r['vs_plain_sgd']:.2f}x a plain "
+                       f"SGD(foreach) step (target <= 1.3x): {'met' if ok else 'MISSED'}")
+    return out
+
+
+def main(argv=None, prog=None):
+    """Run the benchmarks with command-line arguments ``argv`` (default: ``sys.argv[1:]``); ``prog`` is
+    the command named in ``--help`` and in the markdown report."""
+    summary, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(prog=prog, description=" ".join(summary.split()), epilog=details,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="ResNet-18 only, r=10%%, few repetitions")
+    parser.add_argument("--markdown", metavar="PATH", help="also write a markdown table with machine facts")
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                        help="where to run (default: the CPU, and CUDA when available)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated torchvision models and/or tensor<N> (one N-element tensor, e.g. "
+                             "tensor1e8) (default: resnet18,resnet50 on the CPU; also vit_b_16 and tensor1e8 on "
+                             "CUDA)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+
+    if build_info()["backend"] != "compiled":
+        print(f"{parser.prog}: WARNING: compiled kernels not loaded; timing the pure-PyTorch reference", flush=True)
+    def models_for(device):
+        if args.models:
+            return args.models.split(",")
+        return ["resnet18"] if args.quick else (CUDA_MODELS if device.type == "cuda" else CPU_MODELS)
+
+    ratios = (0.10,) if args.quick else RATIOS
+    reps = args.reps or (5 if args.quick else 7)
+    devices = []
+    if args.device in ("cpu", "all"):
+        devices.append(torch.device("cpu"))
+    if args.device in ("cuda", "all") and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{parser.prog}: --device cuda but torch.cuda.is_available() is False")
+
+    facts = machine_facts()
+    print(f"{parser.prog}: {facts.get('Model name', '?')}, {facts['cpu_count']} CPUs, torch {torch.__version__}, "
+          f"{facts['torch_threads']} threads, backend {facts['build_info']['backend']}", flush=True)
+    rows = []
+    for device in devices:
+        for name in models_for(device):
+            rows += bench_model(name, model_shapes(name), device, ratios, reps)
+    try:
+        facts["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        pass
+    for t in targets(rows):
+        print(t)
+    if args.markdown:
+        write_markdown(args.markdown, rows, facts, args, " ".join([parser.prog] + argv))
+    return 0

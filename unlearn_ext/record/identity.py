@@ -1,0 +1,194 @@
+"""Which model a store's records belong to: :class:`Manifest` (the recorded layers and settings) and
+:func:`model_fingerprint` (SPEC §2).
+
+A store refuses a model whose fingerprint differs from its manifest's, naming the first layer that
+differs; a manifest read from a file is checked field by field, since every record is interpreted
+through it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..ops import checks
+
+VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FINGERPRINT = re.compile(r"[0-9a-f]{16}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel (their parameter names carry ``module.``)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 (first 16 hex digits) of every parameter's name, shape and dtype, in named_parameters order.
+
+    Frozen parameters count too, so freezing a layer after training does not change the fingerprint."""
+    h = hashlib.sha256()
+    for name, p in unwrap_model(model).named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{dtype_name(p.dtype)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def model_layers(model: nn.Module) -> List[Tuple[str, Tuple[int, ...], str]]:
+    """``(name, shape, dtype)`` of every parameter of ``model`` (what its fingerprint hashes)."""
+    return [(n, tuple(p.shape), dtype_name(p.dtype)) for n, p in unwrap_model(model).named_parameters()]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a store's records mean: the recorded (trainable) layers in named_parameters order."""
+
+    names: Tuple[str, ...]
+    shapes: Tuple[Tuple[int, ...], ...]
+    dtypes: Tuple[str, ...]
+    keep_ratio: Optional[float]
+    value_dtype: str
+    fingerprint: str
+
+    @classmethod
+    def from_model(cls, model: nn.Module, keep_ratio: Optional[float] = None,
+                   value_dtype: torch.dtype = torch.float32) -> "Manifest":
+        if value_dtype not in VALUE_DTYPES:
+            raise ValueError(f"value_dtype must be one of {', '.join(map(str, VALUE_DTYPES))}, got {value_dtype}")
+        named = [(n, p) for n, p in unwrap_model(model).named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters to record")
+        return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named),
+                   tuple(dtype_name(p.dtype) for _, p in named),
+                   None if keep_ratio is None else float(keep_ratio), dtype_name(value_dtype),
+                   model_fingerprint(model))
+
+    @property
+    def numels(self) -> List[int]:
+        out = []
+        for shape in self.shapes:
+            n = 1
+            for d in shape:
+                n *= d
+            out.append(n)
+        return out
+
+    @property
+    def torch_value_dtype(self) -> torch.dtype:
+        return getattr(torch, self.value_dtype)
+
+    def dense_nbytes(self) -> int:
+        """Bytes of one dense update in the layers' own dtypes (what naive recording would keep)."""
+        return sum(n * getattr(torch, d).itemsize for n, d in zip(self.numels, self.dtypes))
+
+    def to_json(self) -> bytes:
+        layers = [{"name": n, "shape": list(s), "dtype": d} for n, s, d in zip(self.names, self.shapes, self.dtypes)]
+        return json.dumps({"layers": layers, "keep_ratio": self.keep_ratio, "value_dtype": self.value_dtype,
+                           "fingerprint": self.fingerprint}, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, source: str = "manifest") -> "Manifest":
+        """The manifest written by :meth:`to_json`. Every field is checked: ``ValueError`` naming
+        ``source`` (the file) and the field otherwise."""
+        def bad(field: str, why: str) -> ValueError:
+            return ValueError(f"{source}: the manifest's field {field!r} {why}")
+
+        try:
+            d = json.loads(bytes(raw).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{source}: the manifest is not UTF-8 JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: the manifest is not a JSON object (got {type(d).__name__})")
+        fields = {"layers", "keep_ratio", "value_dtype", "fingerprint"}
+        missing, unknown = sorted(fields - d.keys()), sorted(d.keys() - fields)
+        if missing:
+            raise bad(missing[0], "is missing")
+        if unknown:
+            raise bad(unknown[0], "is not a manifest field")
+        layers = d["layers"]
+        if not isinstance(layers, list) or not layers:
+            raise bad("layers", f"must be a non-empty list, got {_short(layers)}")
+        names, shapes, dtypes = [], [], []
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, dict) or set(layer) != {"name", "shape", "dtype"}:
+                raise bad(f"layers[{i}]", f"must be an object with name, shape and dtype, got {_short(layer)}")
+            names.append(_layer_name(layer, i, bad, names))
+            shapes.append(_layer_shape(layer, i, bad))
+            dtypes.append(_layer_dtype(layer, i, bad))
+        keep_ratio = d["keep_ratio"]
+        if keep_ratio is not None:
+            try:
+                keep_ratio = checks.ratio("keep_ratio", keep_ratio)
+            except ValueError:
+                raise bad("keep_ratio", f"must be null or a number in (0, 1], got {_short(keep_ratio)}") from None
+        value_dtype = d["value_dtype"]
+        if value_dtype not in [dtype_name(t) for t in VALUE_DTYPES]:
+            raise bad("value_dtype", f"must be one of {', '.join(dtype_name(t) for t in VALUE_DTYPES)}, got "
+                                     f"{_short(value_dtype)}")
+        fingerprint = d["fingerprint"]
+        if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
+            raise bad("fingerprint", f"must be 16 lower-case hex digits, got {_short(fingerprint)}")
+        return cls(tuple(names), tuple(shapes), tuple(dtypes), keep_ratio, value_dtype, fingerprint)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _layer_name(layer: dict, i: int, bad, seen: Sequence[str]) -> str:
+    name = layer["name"]
+    if not isinstance(name, str) or not name:
+        raise bad(f"layers[{i}].name", f"must be a non-empty string, got {_short(name)}")
+    if name in seen:
+        raise bad(f"layers[{i}].name", f"repeats the layer name {name!r}")
+    return name
+
+
+def _layer_shape(layer: dict, i: int, bad) -> Tuple[int, ...]:
+    shape = layer["shape"]
+    if not isinstance(shape, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
+        raise bad(f"layers[{i}].shape", f"must be a list of non-negative integers, got {_short(shape)}")
+    numel = 1
+    for s in shape:
+        numel *= s
+    if numel > checks.MAX_NUMEL:
+        raise bad(f"layers[{i}].shape", f"has {numel} elements; at most 2**31 - 1 are supported")
+    return tuple(shape)
+
+
+def _layer_dtype(layer: dict, i: int, bad) -> str:
+    name = layer["dtype"]
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
+        raise bad(f"layers[{i}].dtype", f"must name a floating-point torch dtype, got {_short(name)}")
+    return name
+
+
+def describe_difference(m: Manifest, layers: Sequence[Tuple[str, Tuple[int, ...], str]]) -> str:
+    """``" (first difference: ...)"`` between a manifest's layers and another model's ``(name, shape,
+    dtype)`` list (all its parameters, or a manifest's trainable ones)."""
+    theirs = {n: (tuple(s), d) for n, s, d in layers}
+    for name, shape, dtype in zip(m.names, m.shapes, m.dtypes):
+        if name not in theirs:
+            return f" (first difference: the store's layer {name!r} is not a parameter of this model)"
+        if theirs[name] != (tuple(shape), dtype):
+            s, d = theirs[name]
+            return f" (first difference: layer {name!r} is {tuple(shape)} {dtype} in the store, {s} {d} in this model)"
+    extra = [n for n, _, _ in layers if n not in set(m.names)]
+    if extra:
+        return f" (first difference: this model has the parameter {extra[0]!r}, which the store does not record)"
+    return " (a frozen parameter differs)"
+
+
+__all__ = ["Manifest", "VALUE_DTYPES", "describe_difference", "dtype_name", "model_fingerprint", "model_layers",
+           "unwrap_model"]
