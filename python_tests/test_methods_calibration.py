@@ -63,6 +63,7 @@ def test_epoch_checks_leave_the_update_unchanged(setting, name):
 def test_a_model_already_at_the_target_is_left_untouched(setting, name):
     model, forget, retain_set = setting
     net = copy.deepcopy(model)
-    res = unlearn(name, net, forget=forget, retain=loader(retain_set, 128), epochs=5, stop_forget_acc=1.0, **HOOKED[name])
+    res = unlearn(name, net, forget=forget, retain=loader(retain_set, 128), epochs=5, stop_forget_acc=1.0,
+                  **HOOKED[name])
     assert res.stats["steps"] == 0 and res.stats["stopped_early"]
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), model.parameters()))
