@@ -162,15 +162,19 @@ def stop_rule(model: nn.Module, forget, target: Union[None, float, str], test_lo
 
 
 #: The stopping hyper-parameters of a method with a strength knob (see :func:`stop_rule`, :func:`run_epochs`):
-#: by default off, the original behaviour.
-STOP_HPARAMS = {"stop_forget_acc": None, "stop_every_step": False, "test_loader": None}
+#: by default off, the original behaviour. A method that also takes ``test_loader`` accepts
+#: ``stop_forget_acc="original_test"``.
+STOP_HPARAMS = {"stop_forget_acc": None, "stop_every_step": False}
 
 
 def forget_stop(method: str, model: nn.Module, forget, hp: dict) -> Optional[ForgetAccuracyStop]:
     """The :func:`stop_rule` a method's :data:`STOP_HPARAMS` ask for (a bad value: ``ValueError`` naming the
     method)."""
+    target = hp["stop_forget_acc"]
+    if isinstance(target, str) and "test_loader" not in hp:
+        raise ValueError(f"{method}: stop_forget_acc must be None or an accuracy in [0, 1], got {target!r}")
     try:
-        return stop_rule(model, forget, hp["stop_forget_acc"], hp["test_loader"])
+        return stop_rule(model, forget, target, hp.get("test_loader"))
     except ValueError as e:
         raise ValueError(f"{method}: {e}") from None
 

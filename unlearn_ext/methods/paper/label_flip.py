@@ -69,7 +69,7 @@ class LabelFlip(Method):
 
     name = "label_flip"
     defaults = {"epochs": 5, "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "seed": 0,
-                **STOP_HPARAMS}
+                **STOP_HPARAMS, "test_loader": None}
 
     def _optimizer(self, model, hp):
         return make_sgd(model.parameters(), hp["lr"], hp["momentum"], hp["weight_decay"])

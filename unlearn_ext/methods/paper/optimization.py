@@ -73,7 +73,7 @@ class Optimization(Method):
 
     name = "optimization"
     defaults = {"epochs": 5, "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "objective": "ascent", "beta": 0.0,
-                "alpha": 0.95, **STOP_HPARAMS}
+                "alpha": 0.95, **STOP_HPARAMS, "test_loader": None}
 
     def _optimizer(self, model, hp):
         return make_sgd(model.parameters(), hp["lr"], hp["momentum"], hp["weight_decay"], maximize=True)
