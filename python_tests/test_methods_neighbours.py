@@ -1,5 +1,6 @@
 """Deep Unlearn's baselines and SFR-on (SPEC §4) on sklearn digits with tiny models: each test pins the
-property that defines its method (what moves, what must not, which way the loss goes)."""
+property that defines its method (what moves, what must not, which way the loss goes). The update rules
+themselves are pinned against transcriptions of the original code in test_methods_pinned.py."""
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,8 @@ from torch import nn
 from unlearn_ext import ops
 from unlearn_ext.data import forget_ids, load_digits, loader, split_forget
 from unlearn_ext.methods import available_methods, unlearn
-from unlearn_ext.methods import deep_unlearn as du
-from unlearn_ext.methods import sfron
+from unlearn_ext.methods import schedules
+from unlearn_ext.methods.baselines import distillation, last_blocks, relabelling, sfron
 from unlearn_ext.models import make_model
 from unlearn_ext.train import TrainConfig, train
 
@@ -119,13 +120,13 @@ def test_ng_plus_step_is_the_stated_objective_with_frozen_batchnorm(resnet, smal
 
 def test_srl_redraws_forget_labels_every_epoch(mlp, data, monkeypatch):
     seen = []
-    original = du._relabel_forget
+    original = relabelling.relabel_forget
 
     def spy(y, ids, forget_set_ids, k, gen):
         out = original(y, ids, forget_set_ids, k, gen)
         seen.append((ids.clone(), y.clone(), out.clone()))
         return out
-    monkeypatch.setattr(du, "_relabel_forget", spy)
+    monkeypatch.setattr(relabelling, "relabel_forget", spy)
     epochs = 4
     unlearn("srl", _clone(mlp), forget=data["forget"], retain=data["retain"], epochs=epochs, lr=0.01)
     ids = torch.cat([s[0] for s in seen])
@@ -145,7 +146,7 @@ def test_srl_redraws_forget_labels_every_epoch(mlp, data, monkeypatch):
 def test_salun_mask_is_the_global_top_fraction(mlp, data):
     model = _clone(mlp)
     threshold = 0.3
-    masks = du.SalUn.saliency_mask(model, data["forget"], threshold)
+    masks = relabelling.SalUn.saliency_mask(model, data["forget"], threshold)
     model.zero_grad()
     for x, y, _ in data["forget"]:
         (-F.cross_entropy(model(x), y)).backward()
@@ -158,18 +159,19 @@ def test_salun_mask_is_the_global_top_fraction(mlp, data):
     assert max(fractions) - min(fractions) > 0.1
 
 
-def test_salun_moves_only_masked_weights(mlp, data):
-    model = _clone(mlp)
-    masks = du.SalUn.saliency_mask(_clone(mlp), data["forget"], 0.5)
-    before = [p.detach().clone() for p in model.parameters()]
-    res = unlearn("salun", model, forget=data["forget"], retain=data["retain"], epochs=1, lr=0.01,
-                  momentum=0.9, weight_decay=5e-4, threshold=0.5)
-    assert res.stats["mask_fraction"] == pytest.approx(0.5, abs=1e-4)
-    moved = 0
-    for p, p0, m in zip(model.parameters(), before, masks):
-        assert torch.equal(p[~m], p0[~m])
-        moved += int((p != p0)[m].sum())
-    assert moved > 0
+def test_salun_moves_only_masked_weights_when_frozen(mlp, data):
+    """freeze_unmasked=True: masked-out weights stay bitwise even with momentum and weight decay; the
+    original's grad·mask then SGD step (the default) lets weight decay move them."""
+    masks = relabelling.SalUn.saliency_mask(_clone(mlp), data["forget"], 0.5)
+    hp = dict(epochs=1, lr=0.01, momentum=0.9, weight_decay=5e-4, threshold=0.5)
+    for freeze in (True, False):
+        model = _clone(mlp)
+        res = unlearn("salun", model, forget=data["forget"], retain=data["retain"], freeze_unmasked=freeze, **hp)
+        assert res.stats["mask_fraction"] == pytest.approx(0.5, abs=1e-4)
+        outside = sum(int((p != p0)[~m].sum()) for p, p0, m in zip(model.parameters(), mlp.parameters(), masks))
+        inside = sum(int((p != p0)[m].sum()) for p, p0, m in zip(model.parameters(), mlp.parameters(), masks))
+        assert inside > 0
+        assert (outside == 0) if freeze else (outside > 0.5 * sum(int((~m).sum()) for m in masks))
 
 
 # ------------------------------------------------------------------------------------------ MSG, CT
@@ -197,26 +199,8 @@ def test_msg_mask_is_the_smallest_gradient_entries():
         assert x.abs()[mask].max() <= x.abs()[~mask].min()
 
 
-def test_masked_sgd_damps_the_unselected_coordinates():
-    """MSG's damped update: selected entries take SGD's step on the gradient, the others SGD's step on
-    off_scale·gradient (momentum and weight decay included), as torch.optim.SGD on a rescaled gradient."""
-    torch.manual_seed(1)
-    w = torch.randn(6, 5)
-    mask = torch.rand(6, 5) < 0.3
-    scale = torch.where(mask, 1.0, 0.1)
-    p_ref, p = w.clone().requires_grad_(), w.clone().requires_grad_()
-    ref = torch.optim.SGD([p_ref], lr=0.1, momentum=0.9, weight_decay=1e-2)
-    opt = du.MaskedSGD([p], [mask], lr=0.1, momentum=0.9, weight_decay=1e-2, off_scale=0.1)
-    for _ in range(3):
-        grad = torch.randn(6, 5)
-        p_ref.grad, p.grad = grad * scale, grad.clone()
-        ref.step()
-        opt.step()
-    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
-
-
 def test_triangular_lr_rises_then_falls():
-    lr = du.triangular_lr(1.0, 5)  # 6 steps, 3 of warm-up
+    lr = schedules.triangular(1.0, 5)  # 6 steps, 3 of warm-up
     assert [round(lr(e), 6) for e in range(5)] == [round(v, 6) for v in (1 / 3, 2 / 3, 1.0, 2 / 3, 1 / 3)]
 
 
@@ -293,53 +277,72 @@ def test_bad_teacher_follows_the_incompetent_teacher_on_forget_only(mlp, data):
     data = {"forget": loader(forget, 64), "retain": loader(retain, 128, shuffle=True)}
     model = _clone(mlp)
     unlearn("bad_teacher", model, forget=data["forget"], retain=data["retain"], epochs=2)
-    bad = _clone(mlp)
-    du._reinit_([bad], 0)  # the method's incompetent teacher (same seed)
+    bad = distillation.reinitialised_copy(mlp, 0)  # the method's incompetent teacher (same seed)
     assert _kl_to(bad, model, data["forget"]) < _kl_to(mlp, model, data["forget"])
     assert _kl_to(mlp, model, data["retain"]) < _kl_to(bad, model, data["retain"])
 
 
 # ------------------------------------------------------------------------------------------ CF-k, EU-k
 
-def test_blocks_of_resnet9_join_batchnorm_to_its_conv(resnet):
-    bl = du.blocks(resnet)
-    assert len(bl) == 9
-    assert all(isinstance(b[0], nn.Conv2d) and isinstance(b[1], nn.BatchNorm2d) for b in bl[:-1])
-    assert isinstance(bl[-1][0], nn.Linear)
+def test_blocks_follow_the_originals_stages(resnet, mlp):
+    """torchvision ResNet-18: the stem and layer1…layer4 (Deep Unlearn's k = 1 trains layer4 + fc); ResNet-9:
+    its six stages; LeNet: each conv and hidden linear layer; MLP: each hidden layer; SimpleViT: each
+    encoder layer. The classifier (last Linear) is never a block."""
+    r18 = make_model("resnet18", (3, 8, 8), 10)
+    bl = last_blocks.blocks(r18)
+    assert [b[0] for b in bl] == [r18.conv1, r18.layer1, r18.layer2, r18.layer3, r18.layer4]
+    assert bl[0] == [r18.conv1, r18.bn1] and last_blocks.classifier(r18) is r18.fc
+    assert [b[0] for b in last_blocks.blocks(resnet)] == [resnet.prep, resnet.layer1, resnet.res1, resnet.layer2,
+                                                          resnet.layer3, resnet.res3]
+    lenet = make_model("lenet", (1, 8, 8), 10)
+    convs = [m for m in lenet.features if isinstance(m, nn.Conv2d)]
+    linears = [m for m in lenet.classifier if isinstance(m, nn.Linear)]
+    assert [b for b in last_blocks.blocks(lenet)] == [[c] for c in convs + linears[:-1]]
+    assert last_blocks.blocks(mlp) == [[mlp[1]], [mlp[3]]] and last_blocks.classifier(mlp) is mlp[5]
+    vit = make_model("simplevit", (1, 8, 8), 10, dim=16, depth=3, heads=2, mlp_dim=32)
+    vb = last_blocks.blocks(vit)
+    assert [b[0] for b in vb[1:]] == list(vit.encoder.layers) and vb[-1][1] is vit.encoder.norm
 
 
 @pytest.mark.parametrize("name", ["cfk", "euk"])
 def test_last_k_blocks_only(resnet, small, name):
+    """Only the last k blocks and the classifier move; the whole model runs in eval mode, so no BatchNorm
+    statistic moves (the original's ``model.eval()``); requires_grad flags are restored."""
     model = _clone(resnet)
     flags = [p.requires_grad for p in model.parameters()]
-    k = 2
-    res = unlearn(name, model, forget=small["forget"], retain=small["retain"], k=k, epochs=1, lr=0.01)
-    trained = {id(t) for b in du.blocks(model)[-k:] for m in b for t in list(m.parameters()) + list(m.buffers())}
+    res = unlearn(name, model, forget=small["forget"], retain=small["retain"], k=1, epochs=1, lr=0.01)
+    trained = {id(t): t for m in last_blocks.blocks(model)[-1] + [last_blocks.classifier(model)]
+               for t in m.parameters()}
+    assert model.res3[0].weight is not None and id(model.res3[0].weight) in trained  # k = 1: the last stage
     after, before = model.state_dict(keep_vars=True), resnet.state_dict()
     for key, value in after.items():
-        if id(value) in trained:
-            if value.dtype.is_floating_point:
-                assert not torch.equal(value, before[key]), key
-        else:
-            assert torch.equal(value, before[key]), key  # parameters and BN statistics of frozen blocks
+        # trained parameters move; frozen ones and every BatchNorm statistic (eval mode) stay
+        assert torch.equal(value, before[key]) != (id(value) in trained), key
     assert [p.requires_grad for p in model.parameters()] == flags
-    assert res.stats["trained_parameters"] == sum(p.numel() for b in du.blocks(model)[-k:] for m in b
-                                                  for p in m.parameters())
+    assert res.stats["trained_parameters"] == sum(t.numel() for t in trained.values())
+    assert res.stats["steps"] == len(small["retain"])
 
 
-def test_euk_reinitialises_the_last_blocks(mlp, data):
-    model = _clone(mlp)
-    unlearn("euk", model, forget=data["forget"], retain=data["retain"], k=1, epochs=0, seed=3)
-    fresh = _clone(mlp)
-    du._reinit_([fresh[-1]], 3)
-    assert torch.equal(model[-1].weight, fresh[-1].weight)
-    assert not torch.equal(model[-1].weight, mlp[-1].weight)
-    assert all(torch.equal(p, p0) for p, p0 in zip(list(model.parameters())[:-2], list(mlp.parameters())[:-2]))
+def test_euk_reinitialises_the_last_blocks_with_deep_unlearns_init(resnet, small):
+    model = _clone(resnet)
+    unlearn("euk", model, forget=small["forget"], retain=small["retain"], k=1, epochs=0, seed=3)
+    fresh = _clone(resnet)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        last_blocks.deep_unlearn_init_([fresh.res3, fresh.head[-1]])
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), fresh.state_dict().values()))
+    bn = model.res3[1]
+    assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    assert torch.equal(bn.running_mean, resnet.res3[1].running_mean)  # statistics kept, as in the original
+    assert not torch.equal(model.head[-1].weight, resnet.head[-1].weight)
+    assert torch.equal(model.layer3[0].weight, resnet.layer3[0].weight)
 
 
 def test_k_out_of_range(mlp, data):
-    with pytest.raises(ValueError, match="k must be"):
-        unlearn("cfk", _clone(mlp), forget=data["forget"], retain=data["retain"], k=4)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 2\]"):
+        unlearn("cfk", _clone(mlp), forget=data["forget"], retain=data["retain"], k=3)
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        unlearn("cfk", _clone(mlp), forget=data["forget"], retain=data["retain"], k=0)
 
 
 # ------------------------------------------------------------------------------------------ Fisher, influence
@@ -350,7 +353,7 @@ def test_fisher_noise_scales_with_sqrt_alpha(mlp, data):
     deltas = []
     for alpha in (1e-6, 4e-6):
         model = _clone(mlp)
-        unlearn("fisher", model, forget=data["forget"], retain=retain, alpha=alpha, seed=5)
+        unlearn("fisher", model, forget=data["forget"], retain=retain, alpha=alpha, seed=5, batch_size=128)
         deltas.append([p - p0 for p, p0 in zip(model.parameters(), mlp.parameters())])
     for d1, d4 in zip(*deltas):
         torch.testing.assert_close(d4, 2 * d1, rtol=1e-3, atol=1e-6)
@@ -361,7 +364,7 @@ def test_fisher_noise_is_smaller_where_retain_fisher_is_larger(mlp, data):
     """Per row the variance is α / mean(F) (clamped): rows with more retain information get less noise."""
     retain = loader(data["retain_set"].subset(torch.arange(256)), 128)
     model = _clone(mlp)
-    unlearn("fisher", model, forget=data["forget"], retain=retain, alpha=1e-4, seed=0)
+    unlearn("fisher", model, forget=data["forget"], retain=retain, alpha=1e-4, seed=0, batch_size=128)
     w, w0 = model[1].weight, mlp[1].weight  # first hidden layer: 64 rows
     noise_std = (w - w0).std(dim=1)
     fisher = torch.zeros_like(w0)
@@ -377,9 +380,11 @@ def test_fisher_noise_is_smaller_where_retain_fisher_is_larger(mlp, data):
     assert noise_std[informative].mean() < noise_std[~informative].mean()
 
 
-def test_influence_increases_forget_loss_and_is_linear_in_alpha(mlp, data):
+@pytest.mark.parametrize("inverse", ["woodfisher", "lissa"])
+def test_influence_increases_forget_loss_and_is_linear_in_alpha(mlp, data, inverse):
     retain = loader(data["retain_set"].subset(torch.arange(256)), 128)
-    hp = dict(depth=30, repeats=1, scale=200.0, damping=0.1, batch_size=64, seed=1)
+    hp = dict(inverse=inverse, depth=30, repeats=1, scale=200.0, damping=0.1, lissa_batch_size=64, seed=1,
+              woodfisher_samples=100)
     steps = []
     for alpha in (1.0, 3.0):
         model = _clone(mlp)
@@ -409,26 +414,12 @@ def test_sfron_mask_is_the_fisher_ratio(mlp, data):
     assert 0 < frac < 1
 
 
-def test_sfron_forget_step_leaves_unmasked_weights_untouched(mlp, data):
-    model = _clone(mlp)
-    masks = sfron.fisher_ratio_mask(model, data["forget"], data["retain"], 1.0)
-    params = list(model.parameters())
-    opt = du.MaskedSGD(params, masks, lr=0.05, momentum=0.9)
-    x, y, _ = next(iter(data["forget"]))
-    before = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        losses = F.cross_entropy(model(x), y, reduction="none")
-    sfron.masked_forget_step(model, opt, x, y, masks, alpha=10.0, lam=0.5, max_norm=1.0)
-    moved = [(p - p0)[m] for p, p0, m in zip(params, before, masks)]
-    for p, p0, m, buf in zip(params, before, masks, opt.buffers):
-        assert torch.equal(p[~m], p0[~m])
-        assert not buf[~m].any()
-    # clipped: the first step (momentum buffer = gradient, no weight decay) is lr·(clipped gradient)
-    assert torch.cat([d.reshape(-1) for d in moved]).norm() <= 0.05 * 1.0 + 1e-6
-    # adaptive weights: the lowest-loss sample weighs most
+def test_sfron_weighted_forget_loss():
+    losses = torch.tensor([0.1, 1.0, 3.0, 0.5])
     w = 1.0 / losses.pow(0.5)
     assert float(sfron.weighted_forget_loss(losses, 0.5)) == pytest.approx(float(-(w / w.sum() * losses).sum()),
                                                                             rel=1e-5)
+    assert int(torch.argmax(w)) == 0  # the lowest-loss (best remembered) sample weighs most
 
 
 def test_sfron_interleaves_forget_and_retain_steps(mlp, data):

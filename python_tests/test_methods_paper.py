@@ -31,7 +31,7 @@ from unlearn_ext.data import IndexedTensorDataset, forget_ids, load_digits, load
 from unlearn_ext.methods import (Method, UnlearnResult, available_methods, get_method, register_method,  # noqa: E402
                                  unlearn)
 from unlearn_ext.methods import base as methods_base  # noqa: E402
-from unlearn_ext.methods import label_flip as label_flip_module  # noqa: E402
+from unlearn_ext.methods.paper import label_flip as label_flip_module  # noqa: E402
 from unlearn_ext.methods.common import accuracy  # noqa: E402
 from unlearn_ext.methods.paper import FlippedLabels, NaiveAmnesiac, PartialAmnesiac  # noqa: E402
 from unlearn_ext.models import make_model  # noqa: E402
@@ -137,7 +137,7 @@ def test_registry_and_api(s):
     assert get_method("partial_label_flip").defaults["selection"] == "magnitude"
     assert get_method("amnesiac").defaults["finetune"] is True
     assert get_method("partial_amnesiac").defaults["finetune"] is False
-    assert get_method("optimization").defaults["objective"] == "ga"
+    assert get_method("optimization").defaults["objective"] == "ascent"
     assert get_method("optimization").defaults["beta"] == 0.0
     with pytest.raises(ValueError, match="unknown method"):
         get_method("nope")
@@ -148,7 +148,7 @@ def test_registry_and_api(s):
     with pytest.raises(ValueError, match="needs retain"):
         unlearn("retrain", copy.deepcopy(s.model), forget=s.forget)
     with pytest.raises(ValueError, match="needs retain"):
-        unlearn("optimization", copy.deepcopy(s.model), forget=s.forget, objective="ng_plus")
+        unlearn("optimization", copy.deepcopy(s.model), forget=s.forget, objective="regularised_ascent")
 
     calls = []
 
@@ -360,7 +360,7 @@ def test_optimization_objectives(s):
     res = unlearn("optimization", copy.deepcopy(s.model), forget=s.forget, objective="kl_uniform", lr=0.01,
                   epochs=2)
     assert kl_to_uniform(res.model) < 0.5 * kl_to_uniform(s.model)
-    # ng_plus and β > 0 draw retain batches; a callable objective gets them when retain is given.
+    # regularised_ascent and β > 0 draw retain batches; a callable objective gets them when retain is given.
     got = []
 
     def mine(out_f, y_f, out_r, y_r, hp):
@@ -370,7 +370,7 @@ def test_optimization_objectives(s):
     unlearn("optimization", copy.deepcopy(s.model), forget=s.forget, retain=s.retain, objective=mine, epochs=1)
     assert got and all(got)
     res = unlearn("partial_optimization", copy.deepcopy(s.model), forget=s.forget, retain=s.retain,
-                  objective="ng_plus", epochs=1, lr=0.01)
+                  objective="regularised_ascent", epochs=1, lr=0.01)
     assert res.stats["steps"] == len(s.forget)
     res = unlearn("optimization", copy.deepcopy(s.model), forget=s.forget, retain=s.retain, beta=0.5, epochs=1)
     assert res.stats["steps"] == len(s.forget)

@@ -279,3 +279,73 @@ def test_per_group_keep_ratio_and_bad_arguments():
     for bad in (dict(amsgrad=True), dict(betas=(1.0, 0.9)), dict(capturable=True)):
         with pytest.raises(ValueError):
             PartialAdamW(params, **bad)
+
+
+def test_fixed_masks_are_the_torch_step_on_the_masked_and_damped_gradient():
+    """masks= (MSG's damped update, SalUn's and SFR-on's saliency masks): the same masks every step; selected
+    entries take SGD's step on the gradient, the others SGD's step on off_scale·gradient (momentum and weight
+    decay included) — torch.optim.SGD on the rescaled gradient; with off_scale=0 they stay bitwise."""
+    torch.manual_seed(1)
+    a, b = _model(), _model()
+    masks = [torch.rand_like(p) < 0.3 for p in a.parameters()]
+    oa = PartialSGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2, masks=masks, off_scale=0.1)
+    ob = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    assert oa.param_groups[0]["selection"] == "fixed"
+    for x, y in _batches(5):
+        _step(a, oa, x, y)
+        ob.zero_grad()
+        nn.functional.cross_entropy(b(x), y).backward()
+        for p, m in zip(b.parameters(), masks):
+            p.grad = torch.where(m, p.grad, 0.1 * p.grad)
+        ob.step()
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+    frozen = _model()
+    opt = PartialSGD(frozen.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1, masks=masks)
+    before = [p.detach().clone() for p in frozen.parameters()]
+    for x, y in _batches(3):
+        _step(frozen, opt, x, y)
+    for p, p0, m in zip(frozen.parameters(), before, masks):
+        assert torch.equal(p[~m], p0[~m]) and not torch.equal(p[m], p0[m])
+        assert not opt.state[p]["momentum_buffer"][~m].any()
+
+
+def test_fixed_masks_travel_with_the_state_dict_and_can_be_replaced():
+    model = _model()
+    masks = [torch.rand_like(p) < 0.5 for p in model.parameters()]
+    opt = PartialSGD(model.parameters(), lr=0.1, momentum=0.9, masks=masks)
+    _step(model, opt, *_batches(1)[0])
+    twin = copy.deepcopy(model)
+    opt2 = PartialSGD(twin.parameters(), lr=0.1, momentum=0.9, masks=[torch.ones_like(m) for m in masks])
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # (torch's state_dict shares the buffers)
+    assert all(torch.equal(m, m2) for m, m2 in zip(masks, opt2.param_groups[0]["masks"]))
+    x, y = _batches(2)[1]
+    _step(model, opt, x, y)
+    _step(twin, opt2, x, y)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    # replaced between steps (SFR-on alternates its mask with an all-true one): the next step follows it
+    everything = [torch.ones_like(m) for m in masks]
+    opt.param_groups[0]["masks"] = everything
+    before = [p.detach().clone() for p in model.parameters()]
+    _step(model, opt, x, y)
+    assert all(bool((p != p0).all()) for p, p0 in zip(model.parameters(), before) if p.dim() > 1)
+
+
+def test_fixed_masks_bad_arguments():
+    params = list(_model().parameters())
+    good = [torch.ones_like(p, dtype=torch.bool) for p in params]
+    for bad, match in ((good[:-1], "one mask per parameter"),
+                       ([m.float() for m in good], r"masks\[0\] must be a bool tensor"),
+                       ([good[1]] + good[1:], r"masks\[0\] must be a bool tensor of the parameter's shape")):
+        with pytest.raises(ValueError, match=match):
+            PartialSGD(params, masks=bad)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        PartialSGD(params, masks=good, selection="random")
+    with pytest.raises(ValueError, match="needs masks"):
+        PartialSGD(params, selection="fixed")
+    opt = PartialSGD(params, masks=good)
+    opt.param_groups[0]["masks"] = good[:1]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="needs masks"):
+        opt.step()

@@ -104,3 +104,55 @@ def test_ulira_rejects_budgets_it_cannot_score(pool, train_fn):
         ulira(pool, train_fn, lambda *a: None, forget_fraction=1.0)
     with pytest.raises(ValueError, match="negatives"):
         ulira(pool, train_fn, lambda *a: None, negatives="other")
+
+
+# ------------------------------------------------------------------------------------------ Deep Unlearn's protocol
+
+def _original_membership(label, sample, z):
+    """munl/lira/consolidate_predictions.py compute_membership_probabilities, per forgotten observation."""
+    from scipy.stats import norm
+
+    out = {}
+    for ndx in np.unique(sample):
+        forgotten = z[(sample == ndx) & (label == 1)]
+        never = z[(sample == ndx) & (label == 0)]
+        f_mean, f_std, n_mean, n_std = np.mean(forgotten), np.std(forgotten), np.mean(never), np.std(never)
+        out[ndx] = [norm.pdf(p, f_mean, f_std) / (norm.pdf(p, f_mean, f_std) + norm.pdf(p, n_mean, n_std))
+                    for p in forgotten]
+    return out
+
+
+def test_deep_unlearn_membership_is_the_originals():
+    from unlearn_ext.metrics.ulira import deep_unlearn_membership
+
+    rng = np.random.default_rng(0)
+    sample = np.repeat(np.arange(6), 12)
+    label = np.tile(np.r_[np.ones(5), np.zeros(7)], 6).astype(int)
+    z = (rng.random(len(sample)) < 0.7).astype(float)
+    z[:12] = np.r_[np.ones(5), rng.random(7) < 0.5]  # sample 0: always right when forgotten, std 0 → NaN
+    ours = deep_unlearn_membership(label, sample, z)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        original = _original_membership(label, sample, z)
+    for ndx, probs in original.items():
+        np.testing.assert_allclose(ours[(sample == ndx) & (label == 1)], probs, rtol=1e-12, equal_nan=True)
+    assert np.isnan(ours[:5]).all() and not np.isnan(ours[12:]).all()
+
+
+def test_ulira_deep_unlearn_protocol(pool, train_fn):
+    """A model that fits its training half (train_fn) is always right on it: every forgotten fit has σ = 0 and
+    the original's probabilities are all NaN; a briefly trained one gives numbers."""
+    degenerate = ulira(pool, train_fn, lambda model, forget, retain, seed: model, protocol="deep_unlearn", **BUDGET)
+    assert np.isnan(degenerate.membership).all() and np.isnan(degenerate.mean_membership)
+    brief = recipe_train_fn(lambda: make_model("mlp", (1, 8, 8), 10, hidden=8), TrainConfig(epochs=2, batch_size=32))
+    budget = dict(BUDGET, n_shadow=8, n_forget=4)  # 0/1 statistics need more observations per sample
+    res = ulira(pool, brief, lambda model, forget, retain, seed: model, protocol="deep_unlearn", **budget)
+    n_f = round(budget["forget_fraction"] * (len(pool) // 2))
+    assert len(res.membership) == budget["n_shadow"] * budget["n_forget"] * n_f
+    scored = ~np.isnan(res.membership)
+    assert scored.sum() > 100 and res.mean_membership == pytest.approx(float(res.membership[scored].mean()))
+    assert 0.0 <= res.mean_membership <= 1.0 and res.config["protocol"] == "deep_unlearn"
+    assert ((0 <= res.scores) & (res.scores <= 1)).all() and 0 <= res.auc <= 1
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        ulira(pool, train_fn, lambda m, f, r, s: m, protocol="lira", **BUDGET)
+    with pytest.raises(ValueError, match="only never-seen negatives"):
+        ulira(pool, train_fn, lambda m, f, r, s: m, protocol="deep_unlearn", negatives="retrained", **BUDGET)

@@ -15,6 +15,10 @@ Selection (``selection=``), per parameter tensor ("layer") and step:
 * ``"round_robin"``: the flat coordinates split into fixed contiguous blocks ``[j·kˡ, (j+1)·kˡ)`` (the
   last one shorter when kˡ does not divide nˡ), block ``(t − 1) mod ⌈nˡ/kˡ⌉`` at the tensor's t-th step —
   the *sequential* partial update.
+* ``"fixed"`` (set by passing ``masks=``): the same bool mask for a tensor at every step, e.g. a saliency
+  mask (SalUn, SFR-on) or MSG's re-initialised entries; ``keep_ratio`` is then unused. The masks live in
+  the parameter group (``group["masks"]``, aligned with ``group["params"]``), so they travel with
+  ``state_dict`` and may be replaced between steps.
 
 Unselected coordinates get ``off_scale · grad`` (default 0: param and optimizer state bitwise unchanged;
 weight decay and momentum do not move them). ``keep_ratio=1.0`` (default) is the plain optimizer and
@@ -41,14 +45,14 @@ Semantics worth knowing:
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from . import ops
 
 Tensor = torch.Tensor
-SELECTIONS = ("magnitude", "random", "round_robin")
+SELECTIONS = ("magnitude", "random", "round_robin", "fixed")
 
 
 def _contiguous_state(state: dict, key: str) -> Tensor:
@@ -63,17 +67,50 @@ class _PartialOptimizer(torch.optim.Optimizer):
     """What PartialSGD and PartialAdamW share: partial-update options, gradient gathering, masks."""
 
     def __init__(self, params, defaults: dict, *, keep_ratio: float, selection: str, off_scale: float,
-                 seed: int, differentiable: bool):
+                 seed: int, differentiable: bool, masks: Optional[Sequence[Tensor]] = None):
         if differentiable:
             raise ValueError(f"{type(self).__name__} does not support differentiable=True")
         ops.checks.ratio("keep_ratio", keep_ratio)
         ops.checks.finite("off_scale", off_scale, low=0.0)
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if masks is not None:
+            if selection not in ("magnitude", "fixed"):
+                raise ValueError(f"masks= fixes the selection; it cannot be combined with selection={selection!r}")
+            selection = "fixed"
         defaults.update(keep_ratio=float(keep_ratio), selection=selection, off_scale=float(off_scale),
-                        seed=int(seed))
+                        seed=int(seed), masks=None)
         super().__init__(params, defaults)
         self._generators: Dict[torch.device, torch.Generator] = {}
+        if masks is not None:
+            self._distribute_masks(list(masks))
+        for group in self.param_groups:
+            if group["masks"] is not None:  # masks given per group ({"params": ..., "masks": ...})
+                group["selection"] = "fixed"
+            if group["selection"] == "fixed":
+                self._check_masks(group)
+
+    def _distribute_masks(self, masks: List[Tensor]) -> None:
+        """``masks`` (one per parameter, groups in order) into each group's ``"masks"``."""
+        total = sum(len(g["params"]) for g in self.param_groups)
+        if len(masks) != total:
+            raise ValueError(f"masks must hold one mask per parameter ({total}), got {len(masks)}")
+        start = 0
+        for group in self.param_groups:
+            n = len(group["params"])
+            group["masks"], group["selection"] = masks[start:start + n], "fixed"
+            start += n
+
+    @staticmethod
+    def _check_masks(group: dict) -> None:
+        masks = group["masks"]
+        if masks is None or len(masks) != len(group["params"]):
+            raise ValueError('selection="fixed" needs masks: one bool tensor per parameter of the group')
+        for i, (m, p) in enumerate(zip(masks, group["params"])):
+            if not isinstance(m, Tensor) or m.dtype != torch.bool or m.shape != p.shape or m.device != p.device:
+                got = (tuple(m.shape), m.dtype, str(m.device)) if isinstance(m, Tensor) else type(m).__name__
+                raise ValueError(f"masks[{i}] must be a bool tensor of the parameter's shape {tuple(p.shape)} "
+                                 f"on {p.device}, got {got}")
 
     def __setstate__(self, state):
         # load_state_dict goes through here: groups saved by torch.optim.SGD/AdamW lack our options.
@@ -127,8 +164,12 @@ class _PartialOptimizer(torch.optim.Optimizer):
 
     def _masks(self, group: dict, group_index: int, params: List[Tensor], steps: List[int]
                ) -> Optional[List[Tensor]]:
-        """Explicit masks for the random / round-robin selections; None lets the op pick by |grad|."""
+        """Explicit masks for the random / round-robin / fixed selections; None lets the op pick by |grad|."""
         ratio, selection = group["keep_ratio"], group["selection"]
+        if selection == "fixed":
+            self._check_masks(group)  # they may have been replaced since the last step
+            position = {id(p): i for i, p in enumerate(group["params"])}
+            return [group["masks"][position[id(p)]].contiguous() for p in params]
         if selection == "magnitude" or ratio == 1.0:
             return None
         if selection == "random":
@@ -157,13 +198,16 @@ class PartialSGD(_PartialOptimizer):
 
     Same constructor as ``torch.optim.SGD`` plus ``keep_ratio`` (r ∈ (0, 1], default 1.0 = plain SGD),
     ``selection`` ("magnitude" | "random" | "round_robin"), ``off_scale`` (default 0) and ``seed`` (for
-    ``selection="random"``). All four may be set per parameter group.
+    ``selection="random"``), all four settable per parameter group; or ``masks`` — one bool tensor per
+    parameter, fixed for every step (``selection="fixed"``): ``PartialSGD(params, lr=..., masks=m,
+    off_scale=0.1)`` is MSG's damped update.
     """
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
-                 keep_ratio: float = 1.0, selection: str = "magnitude", off_scale: float = 0.0, seed: int = 0):
+                 keep_ratio: float = 1.0, selection: str = "magnitude", off_scale: float = 0.0, seed: int = 0,
+                 masks: Optional[Sequence[Tensor]] = None):
         for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             ops.checks.finite(name, v, low=0.0)
         if nesterov and (momentum <= 0 or dampening != 0):
@@ -172,11 +216,11 @@ class PartialSGD(_PartialOptimizer):
                         weight_decay=float(weight_decay), nesterov=bool(nesterov), maximize=bool(maximize),
                         foreach=foreach, fused=fused, differentiable=False)
         super().__init__(params, defaults, keep_ratio=keep_ratio, selection=selection, off_scale=off_scale,
-                         seed=seed, differentiable=differentiable)
+                         seed=seed, differentiable=differentiable, masks=masks)
 
     def _step_group(self, gi: int, group: dict, params: List[Tensor], grads: List[Tensor]) -> List[Tensor]:
         momentum = group["momentum"]
-        counted = group["selection"] != "magnitude"  # random / round robin need a step count
+        counted = group["selection"] in ("random", "round_robin")  # they need a step count
         steps, bufs, fresh = [], [], []
         for p in params:
             state = self.state[p]
@@ -210,15 +254,15 @@ class PartialAdamW(_PartialOptimizer):
     """``torch.optim.AdamW`` with layer-wise partial updates through :func:`unlearn_ext.ops.masked_adam_`.
 
     Same constructor as ``torch.optim.AdamW`` (``amsgrad`` must stay False) plus ``keep_ratio``,
-    ``selection``, ``off_scale`` and ``seed`` as in :class:`PartialSGD`. Weight decay is decoupled and,
-    with ``off_scale=0``, applied only to the selected coordinates.
+    ``selection``, ``off_scale``, ``seed`` and ``masks`` as in :class:`PartialSGD`. Weight decay is
+    decoupled and, with ``off_scale=0``, applied only to the selected coordinates.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, keep_ratio: float = 1.0, selection: str = "magnitude",
-                 off_scale: float = 0.0, seed: int = 0):
+                 off_scale: float = 0.0, seed: int = 0, masks: Optional[Sequence[Tensor]] = None):
         if amsgrad or capturable:
             raise ValueError("PartialAdamW supports neither amsgrad nor capturable")
         for name, v in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
@@ -230,7 +274,7 @@ class PartialAdamW(_PartialOptimizer):
                         weight_decay=float(weight_decay), amsgrad=False, maximize=bool(maximize),
                         foreach=foreach, capturable=False, differentiable=False, fused=fused)
         super().__init__(params, defaults, keep_ratio=keep_ratio, selection=selection, off_scale=off_scale,
-                         seed=seed, differentiable=differentiable)
+                         seed=seed, differentiable=differentiable, masks=masks)
 
     def _step_group(self, gi: int, group: dict, params: List[Tensor], grads: List[Tensor]) -> List[Tensor]:
         steps = []

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,27 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def unpack_batch(batch) -> Tuple[torch.Tensor, torch.Tensor, object]:
+    """``(x, y, sample_id)`` of one batch. Anything else — a dict, an ``(x, y)`` pair, labels that are not
+    integers — is a ``ValueError`` saying what is expected, before any tensor is used."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 3:
+        x, y, ids = batch
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+            raise ValueError(f"batches must be (x, y, sample_id) with tensors x and y, got x of type "
+                             f"{type(x).__name__} and y of type {type(y).__name__}")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(f"batch labels y must be an integer tensor (class indices), got {y.dtype}")
+        return x, y, ids
+    if isinstance(batch, Mapping):
+        got = f"a dict with keys {sorted(map(str, batch))}"
+    elif isinstance(batch, (tuple, list)):
+        got = f"a {type(batch).__name__} of {len(batch)} items"
+    else:
+        got = f"a {type(batch).__name__}"
+    raise ValueError(f"loaders must yield (x, y, sample_id) batches, got {got}; "
+                     "unlearn_ext.compat.with_ids(loader) adds the sample ids to (x, y) or dict loaders")
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -49,7 +71,8 @@ def train(model: nn.Module, data, cfg: TrainConfig, recorders: Sequence = (), pr
         bar = tqdm(total=cfg.epochs * len(data), desc=progress, leave=False)
     model.train()
     for _ in range(cfg.epochs):
-        for x, y, ids in data:
+        for batch in data:
+            x, y, ids = unpack_batch(batch)
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()

@@ -7,10 +7,13 @@ bytes read from a store, ...). Copy the model first (``copy.deepcopy``) to keep 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Optional, Type, Union
 
 from torch import nn
+
+from . import hparams
 
 
 @dataclass
@@ -25,12 +28,14 @@ _DEFAULT = object()
 
 class Method:
     """Subclasses set ``name`` and ``defaults`` (every hyper-parameter, with the documented default) and
-    implement ``_run(model, forget, retain, store, hp) -> stats``. A method that reads updates recorded
-    during training sets ``needs_store`` and, if it wants them pruned, ``record_keep_ratio``; callers get
-    the matching recorder from :meth:`recorder`."""
+    implement ``_run(model, forget, retain, store, hp) -> stats``. ``ranges`` bounds numeric
+    hyper-parameters beyond what :mod:`.hparams` checks for every method (the type of each default;
+    integers ``>= 0``). A method that reads updates recorded during training sets ``needs_store`` and, if
+    it wants them pruned, ``record_keep_ratio``; callers get the matching recorder from :meth:`recorder`."""
 
     name: ClassVar[str] = ""
     defaults: ClassVar[Dict[str, object]] = {}
+    ranges: ClassVar[Dict[str, hparams.Range]] = {}
     needs_retain: ClassVar[bool] = False
     needs_store: ClassVar[bool] = False
     #: Keep ratio of the recording a store-reading method expects (None: dense updates).
@@ -63,16 +68,16 @@ class Method:
         """Why this method cannot run on ``model`` (e.g. it acts on conv layers and there are none), or None."""
         return None
 
-    def unlearn(self, model: nn.Module, forget, retain=None, store=None, **hparams) -> UnlearnResult:
-        hp = self._merge(dict(self.hparams), hparams)
+    def unlearn(self, model: nn.Module, forget, retain=None, store=None, **extra) -> UnlearnResult:
+        hp = hparams.check_all(self.name, self._merge(dict(self.hparams), extra), self.defaults, self.ranges)
         reason = self.unsupported(model)
         if reason:
             raise ValueError(f"{self.name}: {reason}")
         if forget is None:
             raise ValueError(f"{self.name}: forget must be a loader of (x, y, sample_id) batches")
-        if _is_empty(forget):
+        if _is_empty(self.name, "forget", forget):
             raise ValueError(f"{self.name}: the forget set is empty: nothing to unlearn")
-        if self.needs_retain and (retain is None or _is_empty(retain)):
+        if self.needs_retain and (retain is None or _is_empty(self.name, "retain", retain)):
             raise ValueError(f"{self.name}: needs retain= (a non-empty loader of the retain set)")
         if self.needs_store and store is None:
             raise ValueError(f"{self.name}: needs store= (the update store recorded during training)")
@@ -86,13 +91,23 @@ class Method:
         raise NotImplementedError
 
 
-def _is_empty(loader) -> bool:
-    """True for a loader (or dataset) known to hold no sample; loaders without a length count as non-empty."""
+_END = object()
+
+
+def _is_empty(method: str, role: str, loader) -> bool:
+    """True for a loader that holds no sample: read off its (dataset's) length, else by drawing its first
+    batch. A one-shot iterator (a generator) is refused — every method passes over its data more than once
+    or needs it again for statistics, and a spent iterator would silently give it nothing."""
+    if isinstance(loader, Iterator):
+        if next(loader, _END) is _END:
+            return True
+        raise ValueError(f"{method}: {role} is a one-shot iterator ({type(loader).__name__}); pass a "
+                         "DataLoader or a list of (x, y, sample_id) batches, which can be iterated again")
     dataset = getattr(loader, "dataset", loader)
     try:
         return len(dataset) == 0
-    except TypeError:
-        return False
+    except TypeError:  # e.g. a DataLoader over an IterableDataset
+        return next(iter(loader), _END) is _END
 
 
 def _plain(hp: dict) -> dict:
@@ -126,10 +141,10 @@ def available_methods() -> list:
 
 
 def unlearn(method: Union[str, Method, Type[Method]], model: nn.Module, forget, retain=None, store=None,
-            **hparams) -> UnlearnResult:
+            **hp) -> UnlearnResult:
     """Run ``method`` (a registered name, a Method class or instance) on ``model`` in place."""
     if isinstance(method, str):
         method = get_method(method)()
     elif isinstance(method, type):
         method = method()
-    return method.unlearn(model, forget, retain=retain, store=store, **hparams)
+    return method.unlearn(model, forget, retain=retain, store=store, **hp)

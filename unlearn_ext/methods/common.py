@@ -1,28 +1,38 @@
 """Loops and pieces shared by unlearning methods (reusable by any method family).
 
 * :func:`device_of`, :func:`batches`, :func:`cycle`, :func:`sample_ids` — data plumbing for loaders of
-  ``(x, y, sample_id)`` batches.
+  ``(x, y, sample_id)`` batches (anything else is a ``ValueError`` saying so: :func:`train.unpack_batch`).
+* :func:`check_labels`, :func:`sample_labels`, :func:`output_width` — labels a method indexes by must lie
+  in [0, K).
 * :func:`accuracy` — top-1 accuracy in eval mode (methods sit below :mod:`unlearn_ext.metrics` in the
   dependency order, so they cannot import it).
 * :func:`make_sgd` — ``torch.optim.SGD`` for a naive method, :class:`~unlearn_ext.optim.PartialSGD` for
   its layer-wise partial variant, from one set of arguments.
 * :class:`ForgetAccuracyStop` / :func:`stop_rule` — "stop when forget accuracy has fallen to a target"
-  (a number, or the original model's accuracy on a test loader), checked before every epoch.
-* :func:`run_epochs` — epochs of ``opt`` steps on a per-batch objective with optional stopping; what
-  label flipping and gradient ascent are built from.
+  (a number, or the original model's accuracy on a test loader), checked before every epoch or step.
+* :func:`run_epochs` — epochs of ``opt`` steps on a per-batch objective with optional stopping and a
+  per-epoch hook (LR schedules); what every epoch-looping method is built from. :data:`STOP_HPARAMS` /
+  :func:`forget_stop` give a method the stopping hyper-parameters.
+* :func:`cross_entropy`, :func:`squared_distance`, :func:`gradient_masks` — objective pieces: the plain
+  loss, the proximal term ‖θ − θ₀‖², the original codes' "multiply the gradient by a mask" before a plain
+  optimizer step.
 * :func:`finetune` — a few epochs of the training recipe on a loader (FT, naive amnesiac's fine-tune).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
-from typing import Callable, Iterator, Optional, Union
+from numbers import Real
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..optim import PartialSGD
-from ..train import TrainConfig, train
+from ..train import TrainConfig, train, unpack_batch
+from . import hparams
 
 Tensor = torch.Tensor
 
@@ -33,7 +43,8 @@ def device_of(model: nn.Module) -> torch.device:
 
 def batches(loader, device) -> Iterator:
     """``(x, y, ids)`` of each batch with ``x`` and ``y`` on ``device`` (ids stay where they are)."""
-    for x, y, ids in loader:
+    for batch in loader:
+        x, y, ids = unpack_batch(batch)
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), ids
 
 
@@ -42,13 +53,52 @@ def cycle(loader) -> Iterator:
     return itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
 
 
+def dataset_of(method: str, role: str, loader):
+    """``loader.dataset``, for a method that re-batches a set (e.g. D_f ∪ D_r shuffled together)."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None:
+        raise ValueError(f"{method}: {role} must be a torch DataLoader (this method re-batches its dataset), "
+                         f"got {type(loader).__name__}")
+    return dataset
+
+
 def sample_ids(loader) -> Tensor:
     """All sample ids of a loader: read off the dataset when it keeps them (``IndexedTensorDataset.ids``),
     else collected by one pass over the loader."""
     ids = getattr(getattr(loader, "dataset", None), "ids", None)
     if isinstance(ids, Tensor):
         return ids.reshape(-1)
-    return torch.cat([torch.as_tensor(i).reshape(-1) for _, _, i in loader])
+    return torch.cat([torch.as_tensor(unpack_batch(b)[2]).reshape(-1) for b in loader])
+
+
+def check_labels(y: Tensor, num_classes: int) -> None:
+    """Labels must be class indices of a model with ``num_classes`` outputs: a method that indexes by
+    label (a flipped or random label, a gathered logit) would otherwise give a silent wrong answer."""
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        bad = int(y.max()) if int(y.max()) >= num_classes else int(y.min())
+        raise ValueError(f"label {bad} is out of range for a model with {num_classes} outputs "
+                         f"(labels must be in [0, {num_classes}))")
+
+
+def sample_labels(loader) -> Tensor:
+    """Every label of a loader: read off the dataset when it keeps them (``IndexedTensorDataset.y``), else
+    collected by one pass."""
+    y = getattr(getattr(loader, "dataset", None), "y", None)
+    if isinstance(y, Tensor):
+        return y.reshape(-1)
+    return torch.cat([unpack_batch(b)[1].reshape(-1).cpu() for b in loader])
+
+
+@torch.no_grad()
+def output_width(model: nn.Module, loader) -> int:
+    """The number of classes K the model predicts: its output width on the loader's first batch (eval mode,
+    no gradient; the mode is restored)."""
+    was_training = model.training
+    model.eval()
+    x, _, _ = next(batches(loader, device_of(model)))
+    k = model(x).shape[1]
+    model.train(was_training)
+    return k
 
 
 @torch.no_grad()
@@ -75,6 +125,11 @@ def make_sgd(params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
     return PartialSGD(params, keep_ratio=keep_ratio, selection=selection, seed=seed, **kw)
 
 
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 @dataclasses.dataclass
 class ForgetAccuracyStop:
     """Stop once accuracy on ``forget`` is at most ``target``."""
@@ -90,38 +145,63 @@ class ForgetAccuracyStop:
 
 def stop_rule(model: nn.Module, forget, target: Union[None, float, str], test_loader=None
               ) -> Optional[ForgetAccuracyStop]:
-    """The stopping option shared by the paper's Algorithms 2 and 3: ``None`` (run every epoch), a number
-    (stop when forget accuracy ≤ it), or ``"original_test"`` (stop when forget accuracy ≤ the original
-    model's accuracy on ``test_loader``, measured now, before unlearning — SPEC §3)."""
+    """The stopping option shared by the methods with a strength knob: ``None`` (run every epoch), a number
+    in [0, 1] (stop when forget accuracy ≤ it), or ``"original_test"`` (stop when forget accuracy ≤ the
+    original model's accuracy on ``test_loader``, measured now, before unlearning — SPEC §3)."""
     if target is None:
         return None
-    if target == "original_test":
+    if isinstance(target, str):
+        if target != "original_test":
+            raise ValueError(f'stop_forget_acc must be None, a number or "original_test", got {target!r}')
         if test_loader is None:
             raise ValueError('stop_forget_acc="original_test" needs test_loader= (a loader of the test set)')
         target = accuracy(model, test_loader)
-    elif isinstance(target, str):
-        raise ValueError(f'stop_forget_acc must be None, a number or "original_test", got {target!r}')
+    elif isinstance(target, bool) or not isinstance(target, Real) or not 0.0 <= float(target) <= 1.0:
+        raise ValueError(f"stop_forget_acc must be an accuracy in [0, 1], got {target!r}")
     return ForgetAccuracyStop(forget, float(target))
+
+
+#: The stopping hyper-parameters of a method with a strength knob (see :func:`stop_rule`, :func:`run_epochs`):
+#: by default off, the original behaviour. A method that also takes ``test_loader`` accepts
+#: ``stop_forget_acc="original_test"``.
+STOP_HPARAMS = {"stop_forget_acc": None, "stop_every_step": False}
+
+
+def forget_stop(method: str, model: nn.Module, forget, hp: dict) -> Optional[ForgetAccuracyStop]:
+    """The :func:`stop_rule` a method's :data:`STOP_HPARAMS` ask for (a bad value: ``ValueError`` naming the
+    method)."""
+    target = hp["stop_forget_acc"]
+    if isinstance(target, str) and "test_loader" not in hp:
+        raise ValueError(f"{method}: stop_forget_acc must be None or an accuracy in [0, 1], got {target!r}")
+    try:
+        return stop_rule(model, forget, target, hp.get("test_loader"))
+    except ValueError as e:
+        raise ValueError(f"{method}: {e}") from None
 
 
 def run_epochs(model: nn.Module, loader, opt: torch.optim.Optimizer, epochs: int,
                objective: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor],
-               stop: Optional[ForgetAccuracyStop] = None, *, stop_every_step: bool = False) -> dict:
+               stop: Optional[ForgetAccuracyStop] = None, *, stop_every_step: bool = False,
+               on_epoch: Optional[Callable[[int], None]] = None, train_mode: bool = True) -> dict:
     """Up to ``epochs`` passes over ``loader``, one ``opt`` step per batch on ``objective(model, x, y, ids)``
-    (a scalar the optimizer minimises, or maximises when built with ``maximize=True``), model in train
-    mode. With ``stop``, the rule is checked before every epoch (``stop_every_step=True``: before every
-    step — finer, at the cost of one evaluation pass over the forget set per step) and once at the end, so
-    a model already at the target is left untouched. A non-finite objective (gradient ascent run too far)
-    ends the run before that step, with ``diverged=True``. Returns ``{"epochs" (completed), "steps",
+    (a scalar the optimizer minimises, or maximises when built with ``maximize=True``). The model is put in
+    train mode (``train_mode=False``: eval mode, BatchNorm statistics frozen, as NG+ and CF-k run) before
+    every epoch, after ``on_epoch(epoch)`` (0-based; per-epoch LR schedules, fresh iterators) has run.
+    With ``stop``, the rule is checked before every epoch (``stop_every_step=True``: before every step —
+    finer, at the cost of one evaluation pass over the forget set per step) and once at the end, so a model
+    already at the target is left untouched. A non-finite objective (gradient ascent run too far) ends the
+    run before that step, with ``diverged=True``. Returns ``{"epochs" (completed), "steps",
     "stopped_early", "diverged"[, "forget_acc", "target_forget_acc"]}``."""
     device = device_of(model)
-    model.train()
     steps = done = 0
     stopped = diverged = False
-    for _ in range(int(epochs)):
+    for epoch in range(int(epochs)):
         if stop is not None and stop.reached(model):
             stopped = True
             break
+        if on_epoch is not None:
+            on_epoch(epoch)
+        model.train(train_mode)
         for i, (x, y, ids) in enumerate(batches(loader, device)):
             if stop_every_step and stop is not None and i > 0 and stop.reached(model):
                 stopped = True  # (i == 0 was checked just above, before the epoch)
@@ -145,11 +225,36 @@ def run_epochs(model: nn.Module, loader, opt: torch.optim.Optimizer, epochs: int
     return stats
 
 
+def cross_entropy(model: nn.Module, x: Tensor, y: Tensor, ids) -> Tensor:
+    """The plain objective of :func:`run_epochs`: mean cross-entropy of the batch."""
+    return F.cross_entropy(model(x), y)
+
+
+def squared_distance(params: Sequence[Tensor], start: Sequence[Tensor]) -> Tensor:
+    """‖θ − θ₀‖² over a list of parameters (differentiable in θ)."""
+    return sum((p - p0).pow(2).sum() for p, p0 in zip(params, start))
+
+
+@contextlib.contextmanager
+def gradient_masks(params: Sequence[Tensor], masks: Sequence[Tensor]):
+    """Inside the block every gradient computed for ``params[i]`` is multiplied by ``masks[i]`` — the original
+    codes' ``param.grad *= mask`` before a plain ``optimizer.step()``, under which weight decay and momentum
+    still move the masked-out weights (SalUn, SFR-on; :class:`~unlearn_ext.optim.PartialSGD` with ``masks=``
+    is the variant that freezes them)."""
+    handles = [p.register_hook(lambda g, m=m: g * m) for p, m in zip(params, masks)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def finetune(model: nn.Module, data, train_config: Optional[TrainConfig], epochs: int,
              lr: Optional[float] = None) -> dict:
     """``epochs`` epochs of the training recipe (``train_config``'s optimizer, default Adam) on ``data``,
     at learning rate ``lr`` (default: the recipe's). Returns ``{"finetune_epochs", "finetune_steps"}``."""
-    cfg = dataclasses.replace(train_config or TrainConfig(), epochs=int(epochs),
-                              **({} if lr is None else {"lr": float(lr)}))
+    epochs = hparams.integer("finetune", "epochs", epochs)
+    extra = {} if lr is None else {"lr": hparams.real("finetune", "lr", lr, hparams.NONNEGATIVE)}
+    cfg = dataclasses.replace(train_config or TrainConfig(), epochs=epochs, **extra)
     train(model, data, cfg)
     return {"finetune_epochs": cfg.epochs, "finetune_steps": cfg.epochs * len(data)}

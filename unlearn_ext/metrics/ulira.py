@@ -34,6 +34,17 @@ budget is 640 unlearning runs; here both counts are arguments — a sample is un
 n_shadow·n_forget·forget_fraction/2 runs, so small budgets need a large ``forget_fraction`` to score many
 samples.
 
+``protocol="deep_unlearn"`` computes what Deep Unlearn's ``munl/lira/consolidate_predictions.py`` does, so
+that numbers compare with its: statistic z = 1[argmax = y] (:func:`correctness`); per sample, mean and
+(population) standard deviation of z over **all** its forgotten and all its never-seen observations (no
+leave-one-split-out); for every observation the membership probability
+p = N(z; μ_f, σ_f) / (N(z; μ_f, σ_f) + N(z; μ_n, σ_n)) (scipy's ``norm.pdf``, :func:`deep_unlearn_membership`).
+Its output is p per forgotten observation: ``membership`` (NaN where a fit degenerates — a σ of 0, e.g. a
+sample the models always classify right — as the original's is), ``mean_membership`` over the non-NaN
+ones (0.5: no trace; → 1: the forgotten samples are still recognised). ``auc``/``tpr_*`` then rank all
+scored observations, forgotten and never seen, by p (an addition: the original stops at p; NaN when every
+fit of one kind degenerates). Only ``negatives="never_seen"`` exists there.
+
 The two callables are usually built with :func:`recipe_train_fn` (a model factory and the training recipe)
 and :func:`method_unlearn_fn` (any registered method through :func:`unlearn_ext.methods.unlearn`, the same
 fast path the experiments use), e.g.::
@@ -57,6 +68,9 @@ TrainFn = Callable[[Dataset, int], nn.Module]
 UnlearnFn = Callable[[nn.Module, Dataset, Dataset, int], Optional[nn.Module]]
 
 
+PROTOCOLS = ("unlearn_ext", "deep_unlearn")
+
+
 @dataclass
 class ULiRAResult:
     auc: float
@@ -69,9 +83,12 @@ class ULiRAResult:
     config: Dict[str, object] = field(default_factory=dict)
     scores: np.ndarray = field(default=None, repr=False)
     labels: np.ndarray = field(default=None, repr=False)
+    #: protocol="deep_unlearn" only: the original's output, p per forgotten observation (NaN: degenerate fit)
+    membership: Optional[np.ndarray] = field(default=None, repr=False)
+    mean_membership: Optional[float] = None
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("scores", "labels")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("scores", "labels", "membership")}
 
 
 @torch.no_grad()
@@ -87,6 +104,36 @@ def logit_confidence(model: nn.Module, pool: Dataset, batch_size: int = 512) -> 
         others = z.scatter(1, y[:, None], float("-inf"))
         out.append((z_y - torch.logsumexp(others, dim=1)).cpu())
     return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def correctness(model: nn.Module, pool: Dataset, batch_size: int = 512) -> np.ndarray:
+    """1.0 where the model's top-1 prediction is the label, else 0.0, for every sample of ``pool``, in order
+    (Deep Unlearn's U-LiRA statistic)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [(model(x.to(device)).argmax(1).cpu() == y).double() for x, y, _ in DataLoader(pool, batch_size=batch_size)]
+    return torch.cat(out).numpy()
+
+
+def deep_unlearn_membership(label: np.ndarray, sample: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Deep Unlearn's ``compute_membership_probabilities`` for observations (label 1 forgotten / 0 never
+    seen, sample index, statistic z): per sample the mean and population std of its forgotten and of its
+    never-seen z, then p = pdf_f(z) / (pdf_f(z) + pdf_n(z)) for every observation (NaN where a std is 0 or a
+    sample lacks one kind of observation)."""
+    from scipy.stats import norm
+
+    n = int(sample.max()) + 1 if len(sample) else 0
+    moments = np.zeros((2, 3, n))
+    for lab in (0, 1):
+        sel = label == lab
+        for m, values in enumerate((np.ones(sel.sum()), z[sel], z[sel] ** 2)):
+            np.add.at(moments[lab, m], sample[sel], values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = moments[:, 1] / moments[:, 0]
+        std = np.sqrt(np.maximum(moments[:, 2] / moments[:, 0] - mean ** 2, 0.0))
+        f = norm.pdf(z, mean[1, sample], std[1, sample])
+        return f / (f + norm.pdf(z, mean[0, sample], std[0, sample]))
 
 
 def recipe_train_fn(model_factory: Callable[[], nn.Module], config=None) -> TrainFn:
@@ -127,7 +174,7 @@ def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, level: float) -> float:
 
 def ulira(pool: Dataset, train_fn: TrainFn, unlearn_fn: UnlearnFn, *, n_shadow: int = 8, n_forget: int = 4,
           forget_fraction: float = 0.1, negatives: str = "never_seen", fix_variance: bool = True,
-          seed: int = 0, batch_size: int = 512) -> ULiRAResult:
+          seed: int = 0, batch_size: int = 512, protocol: str = "unlearn_ext") -> ULiRAResult:
     """Run U-LiRA (module docstring) on ``pool`` (a dataset of (x, y, sample_id)).
 
     ``train_fn(train_subset, seed) -> model`` trains a fresh model; ``unlearn_fn(model, forget_subset,
@@ -135,8 +182,6 @@ def ulira(pool: Dataset, train_fn: TrainFn, unlearn_fn: UnlearnFn, *, n_shadow: 
     ``pool``. Costs n_shadow trainings (+ n_shadow·n_forget with ``negatives="retrained"``) and
     n_shadow·n_forget unlearning runs.
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     if n_shadow < 2 or n_forget < 1:
         raise ValueError(f"need n_shadow >= 2 (fits leave one split out) and n_forget >= 1, "
                          f"got {n_shadow}, {n_forget}")
@@ -144,6 +189,11 @@ def ulira(pool: Dataset, train_fn: TrainFn, unlearn_fn: UnlearnFn, *, n_shadow: 
         raise ValueError(f"forget_fraction must be in (0, 1), got {forget_fraction}")
     if negatives not in ("never_seen", "retrained"):
         raise ValueError(f"negatives must be 'never_seen' or 'retrained', got {negatives!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "deep_unlearn" and negatives != "never_seen":
+        raise ValueError('protocol="deep_unlearn" has only never-seen negatives (negatives="never_seen")')
+    statistic = correctness if protocol == "deep_unlearn" else logit_confidence
     n = len(pool)
     gen = torch.Generator().manual_seed(int(seed))
     # per (sample, split, label): count, Σφ, Σφ² — enough for leave-one-split-out fits
@@ -168,7 +218,7 @@ def ulira(pool: Dataset, train_fn: TrainFn, unlearn_fn: UnlearnFn, *, n_shadow: 
             forget_set, retain_set = Subset(pool, forget_idx.tolist()), Subset(pool, retain_idx.tolist())
             model = copy.deepcopy(original)
             model = unlearn_fn(model, forget_set, retain_set, run_seed) or model
-            phi = logit_confidence(model, pool, batch_size)
+            phi = statistic(model, pool, batch_size)
             record(1, forget_idx, s, phi[forget_idx])
             if negatives == "never_seen":
                 record(0, outside, s, phi[outside])
@@ -178,6 +228,21 @@ def ulira(pool: Dataset, train_fn: TrainFn, unlearn_fn: UnlearnFn, *, n_shadow: 
 
     obs = np.concatenate(obs)
     label, sample, split, phi = obs[:, 0].astype(int), obs[:, 1].astype(int), obs[:, 2].astype(int), obs[:, 3]
+    config = {"n_shadow": n_shadow, "n_forget": n_forget, "forget_fraction": forget_fraction,
+              "negatives": negatives, "fix_variance": fix_variance, "seed": seed, "pool_size": n,
+              "protocol": protocol}
+    if protocol == "deep_unlearn":
+        p = deep_unlearn_membership(label, sample, phi)
+        scored = ~np.isnan(p)
+        membership = p[label == 1]
+        mean = float(np.nanmean(membership)) if scored[label == 1].any() else float("nan")
+        if len(np.unique(label[scored])) < 2:  # every fit degenerate (σ = 0): nothing to rank, as in the original
+            nan = float("nan")
+            return ULiRAResult(auc=nan, tpr_at_1_fpr=nan, tpr_at_5_fpr=nan, n_scored=int(scored.sum()),
+                               n_unscored=int((~scored).sum()), n_positive=int((label[scored] == 1).sum()),
+                               n_negative=int((label[scored] == 0).sum()), config=config, scores=p[scored],
+                               labels=label[scored], membership=membership, mean_membership=mean)
+        return _report(label[scored], p[scored], scored, config, membership=membership, mean_membership=mean)
     totals = stats.sum(axis=3)  # (label, moment, sample)
     loo = totals[:, :, sample] - stats[:, :, sample, split]  # (label, moment, obs): without the obs' split
     count, mean = loo[:, 0], loo[:, 1] / np.maximum(loo[:, 0], 1)
@@ -198,14 +263,18 @@ def ulira(pool: Dataset, train_fn: TrainFn, unlearn_fn: UnlearnFn, *, n_shadow: 
         return -0.5 * (np.log(2 * np.pi * v) + (x - mu) ** 2 / v)
 
     score = log_normal(phi, mean[1], var[1]) - log_normal(phi, mean[0], var[0])
-    y_true, y_score = label[scored], score[scored]
+    return _report(label[scored], score[scored], scored, config)
+
+
+def _report(y_true: np.ndarray, y_score: np.ndarray, scored: np.ndarray, config: dict, **extra) -> ULiRAResult:
+    """ROC AUC and TPR at 1 % / 5 % FPR over the scored observations."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
     if len(np.unique(y_true)) < 2:
         raise ValueError("U-LiRA scored no observations of one of the classes; raise n_shadow, n_forget or "
                          "forget_fraction")
     fpr, tpr, _ = roc_curve(y_true, y_score)
-    config = {"n_shadow": n_shadow, "n_forget": n_forget, "forget_fraction": forget_fraction,
-              "negatives": negatives, "fix_variance": fix_variance, "seed": seed, "pool_size": n}
     return ULiRAResult(auc=float(roc_auc_score(y_true, y_score)), tpr_at_1_fpr=_tpr_at(fpr, tpr, 0.01),
                        tpr_at_5_fpr=_tpr_at(fpr, tpr, 0.05), n_scored=int(scored.sum()),
                        n_unscored=int((~scored).sum()), n_positive=int((y_true == 1).sum()),
-                       n_negative=int((y_true == 0).sum()), config=config, scores=y_score, labels=y_true)
+                       n_negative=int((y_true == 0).sum()), config=config, scores=y_score, labels=y_true, **extra)

@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Method, register_method
-from .common import make_sgd, run_epochs, stop_rule
+from ..base import Method, register_method
+from ..common import STOP_HPARAMS, check_labels, forget_stop, make_sgd, output_width, run_epochs, sample_labels
+from ..hparams import RATIO
 
 Tensor = torch.Tensor
 
@@ -38,7 +39,10 @@ class FlippedLabels:
     def __call__(self, y: Tensor, ids: Tensor, num_classes: int) -> Tensor:
         if num_classes < 2:
             raise ValueError(f"label flipping needs at least 2 classes, got {num_classes}")
+        check_labels(y, num_classes)  # (y + o) mod K of an out-of-range y would be a silent wrong label
         ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu()
+        if ids.numel() and int(ids.min()) < 0:
+            raise ValueError(f"sample ids must be >= 0 (they index the table of flipped labels), got {int(ids.min())}")
         if ids.numel() and int(ids.max()) >= len(self.table):
             grown = torch.full((int(ids.max()) + 1,), -1, dtype=torch.int64)
             grown[:len(self.table)] = self.table
@@ -65,14 +69,17 @@ class LabelFlip(Method):
 
     name = "label_flip"
     defaults = {"epochs": 5, "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "seed": 0,
-                "stop_forget_acc": None, "stop_every_step": False,
-                "test_loader": None}
+                **STOP_HPARAMS, "test_loader": None}
 
     def _optimizer(self, model, hp):
         return make_sgd(model.parameters(), hp["lr"], hp["momentum"], hp["weight_decay"])
 
     def _run(self, model, forget, retain, store, hp):
-        stop = stop_rule(model, forget, hp["stop_forget_acc"], hp["test_loader"])
+        try:  # every label is flipped: check them all before the first step
+            check_labels(sample_labels(forget), output_width(model, forget))
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from None
+        stop = forget_stop(self.name, model, forget, hp)
         flipped = FlippedLabels(hp["seed"])
 
         def objective(model, x, y, ids):
@@ -92,6 +99,7 @@ class PartialLabelFlip(LabelFlip):
 
     name = "partial_label_flip"
     defaults = {**LabelFlip.defaults, "keep_ratio": 0.1, "selection": "magnitude"}
+    ranges = {"keep_ratio": RATIO}
 
     def _optimizer(self, model, hp):
         return make_sgd(model.parameters(), hp["lr"], hp["momentum"], hp["weight_decay"],

@@ -4,13 +4,14 @@ Gradient ascent on the forget loss: each step maximises an objective J on a forg
 objective uses one, a retain batch drawn from an endless pass over D_r) by SGD with ``maximize=True``,
 for E epochs over D_f or until forget accuracy has fallen to a target (option).
 
-Objectives (``objective=``; J is maximised; ℓ is the mean cross-entropy of a batch):
+Objectives (``objective=``; J is maximised; ℓ is the mean cross-entropy of a batch). Their names are not
+the baseline methods' (``ga``, ``ng_plus`` are Deep Unlearn's methods, with that code's optimizer and
+defaults: :mod:`unlearn_ext.methods.baselines.ascent`):
 
-* ``"ga"`` (default): J = ℓ(D_f) − β·ℓ(D_r), β = ``beta`` (0 by default: pure gradient ascent, no retain
-  data needed).
-* ``"ng_plus"``: NG+-style retain-regularised ascent, J = (1 − α)·ℓ(D_f) − α·ℓ(D_r), α = ``alpha``
-  (0.95, Deep Unlearn's weighting; its proximal term is left out here — Deep Unlearn's own ``ng_plus``
-  method has it).
+* ``"ascent"`` (default): J = ℓ(D_f) − β·ℓ(D_r), β = ``beta`` (0 by default: pure gradient ascent, no
+  retain data needed).
+* ``"regularised_ascent"``: NG+-style retain-regularised ascent, J = (1 − α)·ℓ(D_f) − α·ℓ(D_r),
+  α = ``alpha`` (0.95, Deep Unlearn's weighting; without NG+'s proximal term).
 * ``"kl_uniform"``: J = −KL(U ‖ p_θ(·|x)) on D_f − β·ℓ(D_r): pushes forget predictions toward the uniform
   distribution instead of away from the label.
 * a callable ``f(out_f, y_f, out_r, y_r, hp) -> J`` (``out_r``/``y_r`` None unless a retain loader is
@@ -31,8 +32,9 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 
-from .base import Method, register_method
-from .common import cycle, device_of, make_sgd, run_epochs, stop_rule
+from ..base import Method, register_method
+from ..common import STOP_HPARAMS, batches, cycle, device_of, forget_stop, make_sgd, run_epochs
+from ..hparams import RATIO
 
 Tensor = torch.Tensor
 
@@ -48,9 +50,9 @@ def _retain_term(weight: float, out_r, y_r) -> Tensor:
 
 
 OBJECTIVES: Dict[str, Callable] = {
-    "ga": lambda out_f, y_f, out_r, y_r, hp: F.cross_entropy(out_f, y_f) - _retain_term(hp["beta"], out_r, y_r),
-    "ng_plus": lambda out_f, y_f, out_r, y_r, hp: ((1 - hp["alpha"]) * F.cross_entropy(out_f, y_f)
-                                                   - _retain_term(hp["alpha"], out_r, y_r)),
+    "ascent": lambda out_f, y_f, out_r, y_r, hp: F.cross_entropy(out_f, y_f) - _retain_term(hp["beta"], out_r, y_r),
+    "regularised_ascent": lambda out_f, y_f, out_r, y_r, hp: ((1 - hp["alpha"]) * F.cross_entropy(out_f, y_f)
+                                                              - _retain_term(hp["alpha"], out_r, y_r)),
     "kl_uniform": lambda out_f, y_f, out_r, y_r, hp: neg_kl_to_uniform(out_f) - _retain_term(hp["beta"], out_r, y_r),
 }
 
@@ -60,18 +62,18 @@ class Optimization(Method):
     """Naive optimization-based unlearning (Algorithm 3 with full updates).
 
     Hyper-parameters: ``epochs`` E (5; the paper sweeps E, SPEC §3 gives no single value); ``lr`` — the
-    model's learning rate (1e-3; the experiment runner passes each model's); ``momentum`` (0) and ``weight_decay`` (0) of the SGD; ``objective`` ("ga" |
-    "ng_plus" | "kl_uniform" | callable, see the module docstring); ``beta`` (0) and ``alpha`` (0.95)
+    model's learning rate (1e-3; the experiment runner passes each model's); ``momentum`` (0) and
+    ``weight_decay`` (0) of the SGD; ``objective`` ("ascent" | "regularised_ascent" | "kl_uniform" |
+    callable, see the module docstring); ``beta`` (0) and ``alpha`` (0.95)
     weights of the retain loss; ``stop_forget_acc`` — None (run E epochs), a number, or
     ``"original_test"`` (the original model's accuracy on ``test_loader``) — stop once forget accuracy is
     at most it, checked before each epoch or, with ``stop_every_step=True``, before each step. ``retain``
-    is needed when the objective uses it (ng_plus, or β ≠ 0).
+    is needed when the objective uses it (regularised_ascent, or β ≠ 0).
     """
 
     name = "optimization"
-    defaults = {"epochs": 5, "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "objective": "ga", "beta": 0.0,
-                "alpha": 0.95, "stop_forget_acc": None, "stop_every_step": False,
-                "test_loader": None}
+    defaults = {"epochs": 5, "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "objective": "ascent", "beta": 0.0,
+                "alpha": 0.95, **STOP_HPARAMS, "test_loader": None}
 
     def _optimizer(self, model, hp):
         return make_sgd(model.parameters(), hp["lr"], hp["momentum"], hp["weight_decay"], maximize=True)
@@ -82,19 +84,19 @@ class Optimization(Method):
             raise ValueError(f"{self.name}: objective must be one of {sorted(OBJECTIVES)} or a callable, "
                              f"got {objective!r}")
         fn = objective if callable(objective) else OBJECTIVES[objective]
-        needs_retain = objective == "ng_plus" or (not callable(objective) and hp["beta"] != 0)
+        needs_retain = objective == "regularised_ascent" or (not callable(objective) and hp["beta"] != 0)
         if needs_retain and retain is None:
             raise ValueError(f"{self.name}: objective {objective!r} with beta={hp['beta']} needs retain=")
         # Only draw retain batches when the objective uses them (a callable gets them if retain is given).
-        retain_batches = cycle(retain) if retain is not None and (needs_retain or callable(objective)) else None
         device = device_of(model)
-        stop = stop_rule(model, forget, hp["stop_forget_acc"], hp["test_loader"])
+        retain_batches = (batches(cycle(retain), device) if retain is not None and (needs_retain or callable(objective))
+                          else None)
+        stop = forget_stop(self.name, model, forget, hp)
 
         def step_objective(model, x, y, ids):
             out_r = y_r = None
             if retain_batches is not None:
                 x_r, y_r, _ = next(retain_batches)
-                x_r, y_r = x_r.to(device), y_r.to(device)
                 out_r = model(x_r)
             return fn(model(x), y, out_r, y_r, hp)
 
@@ -112,6 +114,7 @@ class PartialOptimization(Optimization):
 
     name = "partial_optimization"
     defaults = {**Optimization.defaults, "keep_ratio": 0.1, "selection": "magnitude", "seed": 0}
+    ranges = {"keep_ratio": RATIO}
 
     def _optimizer(self, model, hp):
         return make_sgd(model.parameters(), hp["lr"], hp["momentum"], hp["weight_decay"], maximize=True,

@@ -26,8 +26,8 @@ values + int32 indices + int64 offsets handed to ``sparse_accumulate_``), ``byte
 """
 from __future__ import annotations
 
-from .base import Method, register_method
-from .common import finetune, sample_ids
+from ..base import Method, register_method
+from ..common import finetune, sample_ids
 
 
 @register_method
@@ -44,6 +44,9 @@ class NaiveAmnesiac(Method):
     def _run(self, model, forget, retain, store, hp):
         if hp["finetune"] and retain is None:
             raise ValueError(f"{self.name}: finetune=True needs retain= (or pass finetune=False)")
+        if len(store) == 0:
+            raise ValueError(f"{self.name}: the store holds no recorded training steps (was the model trained "
+                             "for 0 epochs, or the recorder not passed to train()?): there is nothing to undo")
         ids = sample_ids(forget)
         missing = store.ids_not_recorded(ids)
         if missing.numel():

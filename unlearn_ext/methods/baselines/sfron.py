@@ -5,30 +5,35 @@ Method ``"sfron"``:
 
 1. Saliency mask from diagonal-Fisher statistics (model in eval mode): F_f = mean over D_f batches of the
    squared batch-mean gradient, F_r likewise on D_r; m = 1[(F_f + 1e-15)/(F_r + 1e-15) ≥ γ].
-2. ``steps`` iterations t = 0..T−1 with one SGD optimizer (momentum, weight decay; cosine LR over the
-   iterations). Every ``forget_every``-th iteration first a forget step on a D_f batch:
-   loss = −α_t Σᵢ wᵢℓᵢ with wᵢ = ℓᵢ^(−λ) / Σⱼ ℓⱼ^(−λ) (weights detached: low-loss samples — the ones still
-   remembered — weigh most), α_t = ``forget_alpha``·(1 + cos(πt/T))/2; gradient times m, clipped to total
-   norm ``max_norm``, applied by ``ops.masked_sgd_`` with m (unmasked weights and their momentum stay
-   bitwise unchanged — the authors' grad-times-mask then ``optimizer.step()`` lets weight decay and momentum
-   move them, the bug SPEC §1.5 rules out). Then, every iteration, an ordinary SGD step on a D_r batch
-   (the same op with an all-true mask, so both steps share SGD's momentum buffer as in the original).
+2. ``steps`` iterations t = 0..T−1 with one SGD optimizer (momentum, weight decay; LR cosine over the
+   iterations), model in train mode. Every ``forget_every``-th iteration first a forget step on a D_f
+   batch: loss = −α_t Σᵢ wᵢℓᵢ with wᵢ = ℓᵢ^(−λ) / Σⱼ ℓⱼ^(−λ) (weights detached: low-loss samples — the
+   ones still remembered — weigh most), α_t = ``forget_alpha``·(1 + cos(πt/T))/2; the gradient times m,
+   clipped to total norm ``max_norm``, then a plain SGD step. Then, every iteration, an SGD step on a D_r
+   batch (the same optimizer, so both share its momentum).
+
+The forget step is the original's — ``param.grad *= mask`` then ``optimizer.step()``, under which weight
+decay and momentum still move the masked-out weights (``freeze_unmasked=False``, default).
+``freeze_unmasked=True`` applies it through :class:`~unlearn_ext.optim.PartialSGD` with the mask instead,
+so masked-out weights and their momentum stay bitwise unchanged on forget steps (SPEC §1.5's rule; the
+retain steps use an all-true mask, so they are ordinary SGD steps).
 
 Defaults: the authors' CIFAR-10 setting — T = 1500, k = 5, γ = 1, λ = 0.5, α = 25, max_norm 7, SGD lr 0.01,
 momentum 0.9, weight decay 5e-4. Their EMA (β = 1.0) is the identity and is left out.
 """
 from __future__ import annotations
 
-import math
-from typing import List, Sequence
+from typing import List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Method, register_method
-from .common import batches, cycle, device_of
-from .deep_unlearn import MaskedSGD
+from ...optim import PartialSGD
+from ..base import Method, register_method
+from ..common import batches, cycle, device_of, gradient_masks, set_lr
+from ..hparams import AT_LEAST_ONE, NONNEGATIVE, POSITIVE
+from ..schedules import cosine
 
 Tensor = torch.Tensor
 
@@ -61,23 +66,6 @@ def weighted_forget_loss(losses: Tensor, lam: float) -> Tensor:
     return -(coef / coef.sum() * losses).sum()
 
 
-def masked_forget_step(model: nn.Module, opt: MaskedSGD, x: Tensor, y: Tensor, masks: Sequence[Tensor],
-                       alpha: float, lam: float, max_norm: float) -> float:
-    """One SFR-on forget step: gradient of α·(weighted forget loss), times the mask, clipped to total norm
-    ``max_norm``, applied through ``opt`` with ``masks`` (unmasked weights and momentum bitwise unchanged).
-    Returns the weighted forget loss (before the step)."""
-    loss = weighted_forget_loss(F.cross_entropy(model(x), y, reduction="none"), lam)
-    opt.zero_grad()
-    (alpha * loss).backward()
-    with torch.no_grad():
-        for p, m in zip(opt.params, masks):
-            if p.grad is not None:
-                p.grad.mul_(m)
-        torch.nn.utils.clip_grad_norm_(opt.params, max_norm)
-    opt.step(masks)
-    return float(loss.detach())
-
-
 @register_method
 class SFRon(Method):
     """SFR-on: Fisher-ratio saliency mask, adaptively weighted masked forget steps every k-th iteration
@@ -86,30 +74,41 @@ class SFRon(Method):
     name = "sfron"
     needs_retain = True
     defaults = {"steps": 1500, "forget_every": 5, "gamma": 1.0, "lam": 0.5, "forget_alpha": 25.0,
-                "max_norm": 7.0, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
+                "max_norm": 7.0, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "freeze_unmasked": False}
+    ranges = {"forget_every": AT_LEAST_ONE, "gamma": NONNEGATIVE, "max_norm": POSITIVE}
 
     def _run(self, model, forget, retain, store, hp):
         params = [p for p in model.parameters() if p.requires_grad]
         masks = fisher_ratio_mask(model, forget, retain, hp["gamma"])
+        sgd = dict(lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
         everything = [torch.ones_like(p, dtype=torch.bool) for p in params]
-        opt = MaskedSGD(params, masks, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
-        total, k = int(hp["steps"]), int(hp["forget_every"])
-        cosine = lambda base, t: base * (1 + math.cos(math.pi * t / total)) / 2  # noqa: E731
+        freeze = hp["freeze_unmasked"]
+        opt = PartialSGD(params, masks=everything, **sgd) if freeze else torch.optim.SGD(params, **sgd)
+        total, k = hp["steps"], hp["forget_every"]
+        lr_at, alpha_at = cosine(hp["lr"], total), cosine(hp["forget_alpha"], total)
         device = device_of(model)
         forget_batches, retain_batches = batches(cycle(forget), device), batches(cycle(retain), device)
-        model.train()
         forget_steps = 0
         for t in range(total):
-            opt.param_groups[0]["lr"] = cosine(hp["lr"], t)
+            set_lr(opt, lr_at(t))
+            model.train()
             if t % k == 0:
                 x, y, _ = next(forget_batches)
-                masked_forget_step(model, opt, x, y, masks, cosine(hp["forget_alpha"], t), hp["lam"],
-                                   hp["max_norm"])
+                opt.zero_grad()
+                with gradient_masks(params, masks):
+                    loss = weighted_forget_loss(F.cross_entropy(model(x), y, reduction="none"), hp["lam"])
+                    (alpha_at(t) * loss).backward()
+                torch.nn.utils.clip_grad_norm_(params, hp["max_norm"])
+                if freeze:
+                    opt.param_groups[0]["masks"] = masks
+                opt.step()
+                if freeze:
+                    opt.param_groups[0]["masks"] = everything
                 forget_steps += 1
             x, y, _ = next(retain_batches)
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
-            opt.step(everything)
+            opt.step()
         kept = sum(int(m.sum()) for m in masks)
         return {"steps": total, "forget_steps": forget_steps,
                 "mask_fraction": kept / max(1, sum(m.numel() for m in masks))}
