@@ -304,9 +304,15 @@ def test_sgd_bad_input_wrapper(case):
 
 
 def test_sgd_non_contiguous_raw(compiled_backend):
+    """The raw op refuses a non-contiguous tensor it writes and copies one it only reads."""
     p, g, b = _sgd_args()
     _sgd_untouched(r"params\[1\].*contiguous", [p[0], torch.randn(3, 2).t()], g, b, raw=True)
-    _sgd_untouched(r"grads\[1\].*contiguous", p, [g[0], torch.randn(3, 2).t()], b, raw=True)
+    _sgd_untouched(r"momentum_buffers\[1\].*contiguous", p, g, [b[0], torch.randn(3, 2).t()], raw=True)
+    hyper = (0.5, 0.1, 0.9, 0.0, 0.0, False, False, 0.0)
+    a, ab, c, cb = _clone(p), _clone(b), _clone(p), _clone(b)
+    torch.ops.unlearn_ext.masked_sgd_(a, [g[0], g[1].t().contiguous().t()], ab, None, *hyper)
+    torch.ops.unlearn_ext.masked_sgd_(c, g, cb, None, *hyper)
+    assert _equal(a, c) and _equal(ab, cb)
 
 
 def test_sgd_non_contiguous_grads_are_copied(seed):

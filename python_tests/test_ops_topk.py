@@ -244,11 +244,13 @@ def test_subtract_mismatches_raw_op(compiled_backend):
 
 
 def test_non_contiguous_raw_op(compiled_backend):
-    x = torch.randn(6, 5).t()
-    with pytest.raises(ValueError, match=r"xs\[0\].*contiguous"):
-        torch.ops.unlearn_ext.layerwise_topk([x], 0.5, True, None)
-    with pytest.raises(ValueError, match=r"subtract\[0\].*contiguous"):
-        torch.ops.unlearn_ext.layerwise_topk([x.contiguous()], 0.5, True, [torch.randn(6, 5).t()])
+    """The raw op copies read-only inputs to contiguous memory, as the wrapper does, on either device."""
+    op = torch.ops.unlearn_ext.layerwise_topk
+    x, s = torch.randn(6, 5).t(), torch.randn(6, 5).t()
+    _assert_same(op([x], 0.5, True, None), op([x.contiguous()], 0.5, True, None))
+    _assert_same(op([x], 0.5, True, [s]), op([x.contiguous()], 0.5, True, [s.contiguous()]))
+    mask = torch.ops.unlearn_ext.layerwise_topk_mask([x], 0.5, True)[0]
+    assert mask.shape == x.shape and torch.equal(mask, reference.layerwise_topk_mask([x], 0.5)[0])
 
 
 def test_mixed_devices():
@@ -262,6 +264,10 @@ def test_mixed_devices():
 def test_mixed_cpu_cuda():
     with pytest.raises(ValueError, match=r"xs\[1\]"):
         ops.layerwise_topk([torch.randn(4), torch.randn(4, device="cuda")], 0.5)
+    # Issue 14: xs on the CPU, subtract on CUDA raised a RuntimeError from the CUDA device guard.
+    for fn in (ops.layerwise_topk, torch.ops.unlearn_ext.layerwise_topk):
+        with pytest.raises(ValueError, match=r"subtract\[0\] is on cuda:0 but xs\[0\] is on cpu"):
+            fn([torch.randn(4)], 0.5, True, [torch.randn(4, device="cuda")])
 
 
 def test_too_many_elements():
