@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -112,6 +113,36 @@ class ArgChecks {
     return t.contiguous();
   }
 
+  // No two tensors written in place share memory (one tensor twice, or overlapping views of one storage):
+  // the kernels would read values the same call has already changed, and the CUDA ones would race.
+  // `lists` are (name, contiguous tensors) pairs, all on one device.
+  void disjoint(const std::vector<std::pair<const char*, const std::vector<at::Tensor>*>>& lists) const {
+    struct Span {
+      uintptr_t begin, end;
+      const char* name;
+      size_t i;
+    };
+    std::vector<Span> spans;
+    for (const auto& [name, xs] : lists) {
+      for (size_t i = 0; i < xs->size(); ++i) {
+        const at::Tensor& x = (*xs)[i];
+        if (x.numel() == 0) continue;
+        const auto begin = reinterpret_cast<uintptr_t>(x.const_data_ptr());
+        spans.push_back({begin, begin + x.nbytes(), name, i});
+      }
+    }
+    // Equal starts keep the argument order, so the message names the earlier argument first.
+    std::stable_sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+    // Sweep in address order: a span overlaps an earlier one iff it starts before the furthest end so far.
+    for (size_t j = 1, far = 0; j < spans.size(); ++j) {
+      const Span &a = spans[far], &b = spans[j];
+      TORCH_CHECK_VALUE(b.begin >= a.end, op_, ": ", a.name, "[", a.i, "] and ", b.name, "[", b.i,
+                        "] share memory (the same tensor twice or overlapping views); tensors written in "
+                        "place must not overlap");
+      if (b.end > a.end) far = j;
+    }
+  }
+
  private:
   void dtype(const char* name, size_t i, const at::Tensor& x, Dtypes dtypes, const at::Tensor& first) const {
     if (dtypes == Dtypes::kBool) {
@@ -169,6 +200,7 @@ inline AccumulateArgs accumulate_args(at::TensorList dense, const at::Tensor& va
   const at::Device device = leading_device(dense);
   AccumulateArgs a;
   a.dense = check.layers("dense", dense, Dtypes::kValues, Access::kWrite, device, "dense[0]");
+  check.disjoint({{"dense", &a.dense}});
   check.finite("alpha", alpha);
   a.values = check.vector("values", values, std::nullopt, device, "dense[0]");
   a.indices = check.vector("indices", indices, at::kInt, device, "dense[0]");
@@ -202,7 +234,7 @@ struct AccumulateDataError {
 };
 
 // masked_sgd_ / masked_adam_: params (written in place) of value dtypes, grads and optimizer state of the
-// params' dtypes and shapes, bool masks. `state` is empty for
+// params' dtypes and shapes, bool masks, no two written tensors sharing memory. `state` is empty for
 // masked_sgd_ with momentum == 0 and no buffers.
 struct StepArgs {
   std::vector<at::Tensor> params, grads;
@@ -220,14 +252,18 @@ inline StepArgs step_args(const char* op, at::TensorList params, at::TensorList 
   a.grads = check.layers("grads", grads, Dtypes::kValues, Access::kRead, device, "params[0]");
   check.matching("grads", a.grads, "params", a.params, /*same_dtype=*/true);
   check.ratio(ratio);
+  std::vector<std::pair<const char*, const std::vector<at::Tensor>*>> written = {{"params", &a.params}};
+  a.state.reserve(state.size());  // `written` points into it
   for (const auto& [name, xs] : state) {
     a.state.push_back(check.layers(name, xs, Dtypes::kValues, Access::kWrite, device, "params[0]"));
     check.matching(name, a.state.back(), "params", a.params, /*same_dtype=*/true);
+    written.push_back({name, &a.state.back()});
   }
   if (masks) {
     a.masks = check.layers("masks", *masks, Dtypes::kBool, Access::kRead, device, "params[0]");
     check.matching("masks", *a.masks, "params", a.params, /*same_dtype=*/false);
   }
+  check.disjoint(written);
   return a;
 }
 

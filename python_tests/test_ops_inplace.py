@@ -1,8 +1,9 @@
-"""The in-place ops (sparse_accumulate_, masked_sgd_, masked_adam_) as autograd sees them: every tensor they
-write gets its version counter bumped like torch's own in-place ops (so a backward that saved it raises
-instead of returning a wrong gradient), and a leaf that requires grad is refused under grad mode. Each
-runs on the active back-end (set UNLEARN_EXT_BACKEND=reference for the reference) and, where a GPU is
-visible, on CUDA."""
+"""The in-place ops (sparse_accumulate_, masked_sgd_, masked_adam_) as autograd and memory see them: every
+tensor they write gets its version counter bumped like torch's own in-place ops (so a backward that saved
+it raises instead of returning a wrong gradient), a leaf that requires grad is refused under grad mode,
+and a call whose written tensors share memory (one tensor twice, overlapping views) is refused with a
+ValueError naming both positions before anything is written. Each runs on the active back-end (set
+UNLEARN_EXT_BACKEND=reference for the reference) and, where a GPU is visible, on CUDA."""
 import pytest
 import torch
 
@@ -75,3 +76,70 @@ def test_raw_ops_bump_versions_and_refuse_a_gradient_through_them(compiled_backe
     torch.ops.unlearn_ext.sparse_accumulate_([d], torch.ones(1, device=op_device), INDEX.to(op_device),
                                              torch.tensor([0, 1], device=op_device), 1.0)
     assert d._version == 1 and d.tolist() == [1.0, 0.0, 0.0]
+
+
+# ---- written tensors that share memory --------------------------------------------------------------------
+
+def _dense_cases(dev):
+    a, base = torch.zeros(6, device=dev), torch.zeros(10, device=dev)
+    return {
+        "one tensor twice": ([a, torch.zeros(2, device=dev), a], r"dense\[0\] and dense\[2\]"),
+        "overlapping views": ([base[:6], base[4:]], r"dense\[0\] and dense\[1\]"),
+        "a view inside another": ([base, base.view(2, 5)[1]], r"dense\[0\] and dense\[1\]"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_dense_cases("cpu")))
+@pytest.mark.parametrize("raw", (False, True))
+def test_dense_that_shares_memory_is_refused(request, op_device, case, raw):
+    if raw:
+        request.getfixturevalue("compiled_backend")
+    dense, match = _dense_cases(op_device)[case]
+    L = len(dense)
+    values = torch.ones(L, device=op_device)
+    indices, offsets = INDEX.repeat(L).to(op_device), torch.arange(L + 1, device=op_device)
+    fn = torch.ops.unlearn_ext.sparse_accumulate_ if raw else ops.sparse_accumulate_
+    with pytest.raises(ValueError, match=r"sparse_accumulate_: " + match + ".*share memory"):
+        fn(dense, values, indices, offsets, 1.0)
+    assert all(not bool(d.any()) for d in dense), "nothing may be written"
+
+
+def test_adjacent_views_of_one_storage_are_accepted(op_device):
+    base = torch.zeros(10, device=op_device)
+    _accumulate([base[:4], base[4:]])
+    assert base.tolist() == [100.0, 0, 0, 0, 100.0, 0, 0, 0, 0, 0]
+
+
+def _step_cases(dev):
+    p, q, base = torch.zeros(4, device=dev), torch.zeros(4, device=dev), torch.zeros(8, device=dev)
+    g = [torch.ones(4, device=dev), torch.ones(4, device=dev)]
+    return {
+        "sgd params twice": (lambda: ops.masked_sgd_([p, p], g, [], None, 1.0, lr=0.5),
+                             r"masked_sgd_: params\[0\] and params\[1\]"),
+        "sgd param is its buffer": (lambda: ops.masked_sgd_([p, q], g, [q.clone(), p], None, 1.0, lr=0.5,
+                                                            momentum=0.9),
+                                    r"masked_sgd_: params\[0\] and momentum_buffers\[1\]"),
+        "sgd overlapping params": (lambda: ops.masked_sgd_([base[:4], base[2:6]], g, [], None, 1.0, lr=0.5),
+                                   r"masked_sgd_: params\[0\] and params\[1\]"),
+        "adam moments share": (lambda: ops.masked_adam_([p], g[:1], [base[:4]], [base[3:7]], None, 1.0),
+                               r"masked_adam_: exp_avgs\[0\] and exp_avg_sqs\[0\]"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_step_cases("cpu")))
+def test_step_state_that_shares_memory_is_refused(op_device, case):
+    call, match = _step_cases(op_device)[case]
+    with pytest.raises(ValueError, match=match + ".*share memory"):
+        call()
+
+
+def test_raw_masked_step_refuses_shared_memory(compiled_backend, op_device):
+    p = torch.zeros(4, device=op_device)
+    g = [torch.ones(4, device=op_device)] * 2  # read-only tensors may repeat
+    with pytest.raises(ValueError, match=r"masked_sgd_: params\[0\] and params\[1\] share memory"):
+        torch.ops.unlearn_ext.masked_sgd_([p, p], g, [], None, 1.0, 0.5, 0.0, 0.0, 0.0, False, False, 0.0)
+    assert not bool(p.any())
+    with pytest.raises(ValueError, match=r"masked_adam_: params\[0\] and exp_avgs\[0\] share memory"):
+        torch.ops.unlearn_ext.masked_adam_([p], g[:1], [p], [torch.zeros(4, device=op_device)], None, 1.0, 0.1,
+                                           0.9, 0.999, 1e-8, 0.0, 1, False, 0.0)
+    assert not bool(p.any())

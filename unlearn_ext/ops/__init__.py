@@ -59,7 +59,8 @@ def sparse_accumulate_(dense: Sequence[Tensor], values: Tensor, indices: Tensor,
                        alpha: float = 1.0) -> None:
     """In place, for each segment s of ``offsets``: ``dense[s % L].view(-1)[indices[seg]] += alpha *
     values[seg]`` (SPEC §1.4), B = (len(offsets) - 1) / L stored updates in one call, in order.
-    All checks (including index ranges) happen before anything is written."""
+    All checks (including index ranges, and that no two tensors of ``dense`` share memory) happen before
+    anything is written."""
     dense = checks.tensor_list("dense", dense, same_dtype=False, must_be_contiguous=True)
     if not dense:
         raise ValueError("dense must hold at least one tensor")
@@ -82,6 +83,7 @@ def sparse_accumulate_(dense: Sequence[Tensor], values: Tensor, indices: Tensor,
     if _backend.COMPILED:
         torch.ops.unlearn_ext.sparse_accumulate_(dense, values, indices, offsets, alpha)
         return
+    checks.disjoint("sparse_accumulate_", {"dense": dense})
     checks.segments("sparse_accumulate_", dense, values, indices, offsets)
     reference.sparse_accumulate_(dense, values, indices, offsets, alpha)
 
@@ -125,6 +127,7 @@ def masked_sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buff
     if _compiled(params):
         torch.ops.unlearn_ext.masked_sgd_(*args)
     else:
+        checks.disjoint("masked_sgd_", {"params": params, "momentum_buffers": bufs})
         reference.masked_sgd_(*args)
 
 
@@ -152,6 +155,7 @@ def masked_adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
     if _compiled(params):
         torch.ops.unlearn_ext.masked_adam_(*args)
     else:
+        checks.disjoint("masked_adam_", {"params": params, **states})
         reference.masked_adam_(*args)
 
 

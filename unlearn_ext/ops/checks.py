@@ -1,6 +1,6 @@
 """Argument checks shared by both back-ends of every op (metadata only; the data checks — NaN/Inf in a
-selected-from tensor, offsets and index ranges — are made by the back-end that reads the data, before
-it writes anything). Every failure is a ``ValueError`` that names the argument."""
+selected-from tensor, offsets and index ranges, written tensors that share memory — are made by the
+back-end that reads the data, before it writes anything). Every failure is a ``ValueError`` that names the argument."""
 from __future__ import annotations
 
 import math
@@ -76,6 +76,24 @@ def all_finite(op: str, name: str, xs: Sequence[Tensor]) -> None:
     for i, x in enumerate(xs):
         if x.numel() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{op}: {name}[{i}] contains NaN or Inf; cannot select from it")
+
+
+def disjoint(op: str, lists: Dict[str, Sequence[Tensor]]) -> None:
+    """No two tensors written in place share memory (one tensor twice, or overlapping views of a storage):
+    the op would read values it has already changed. The tensors are contiguous and on one device."""
+    listed = [(name, i, x) for name, xs in lists.items() for i, x in enumerate(xs)
+              if x.numel() and x.device.type != "meta"]
+    # (begin, end, position in the argument order): equal starts keep that order, as in csrc/checks.h.
+    spans = sorted((x.data_ptr(), k, x.data_ptr() + x.numel() * x.element_size())
+                   for k, (_, _, x) in enumerate(listed))
+    far = None  # the span reaching furthest so far, in address order
+    for begin, k, end in spans:
+        if far is not None and begin < far[2]:
+            (a, i, _), (b, j, _) = listed[far[1]], listed[k]
+            raise ValueError(f"{op}: {a}[{i}] and {b}[{j}] share memory (the same tensor twice or overlapping "
+                             "views); tensors written in place must not overlap")
+        if far is None or end > far[2]:
+            far = (begin, k, end)
 
 
 def segments(op: str, dense: Sequence[Tensor], values: Tensor, indices: Tensor, offsets: Tensor) -> None:
