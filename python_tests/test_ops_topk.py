@@ -2,7 +2,9 @@
 lists (fresh seed per test), odd sizes, empty and one-element layers, heavy ties, many layers, the three
 dtypes, the ``subtract=`` form; opcheck; and every bad input raising a ValueError that names it."""
 import math
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,6 +166,22 @@ def test_bad_ratio(ratio):
             fn(xs, ratio)
 
 
+@pytest.mark.parametrize("ratio", (np.float32(0.3), np.float64(0.3), np.int64(1), 1, Fraction(3, 10)))
+def test_ratio_may_be_any_real_number(ratio):
+    """Issue 14: np.float32(0.5) was refused as a ratio."""
+    xs = [torch.randn(10), torch.randn(4, 5)]
+    _assert_same(ops.layerwise_topk(xs, ratio), ops.layerwise_topk(xs, float(ratio)))
+    assert all(torch.equal(a, b) for a, b in zip(ops.layerwise_topk_mask(xs, ratio),
+                                                 ops.layerwise_topk_mask(xs, float(ratio))))
+
+
+@pytest.mark.parametrize("ratio", (True, np.True_, "0.5", None, [0.5], torch.tensor(0.5), 1 + 0j))
+def test_ratio_that_is_no_real_number_is_refused(ratio):
+    for fn in (ops.layerwise_topk, ops.layerwise_topk_mask):
+        with pytest.raises(ValueError, match="ratio must be a real number"):
+            fn([torch.randn(10)], ratio)
+
+
 @pytest.mark.parametrize("ratio", (0.0, 1.5))
 def test_bad_ratio_raw_op(compiled_backend, ratio):
     with pytest.raises(ValueError, match="ratio"):
@@ -258,6 +276,16 @@ def test_mixed_devices():
         ops.layerwise_topk([torch.randn(4), torch.randn(4, device="meta")], 0.5)
     with pytest.raises(ValueError, match=r"subtract\[0\]"):
         ops.layerwise_topk([torch.randn(4)], 0.5, subtract=[torch.randn(4, device="meta")])
+
+
+@pytest.mark.parametrize("xs_device, subtract_device", (("cpu", "meta"), ("meta", "cpu")))
+def test_mixed_devices_raw_op(compiled_backend, xs_device, subtract_device):
+    """Issue 14: the device check comes before any device work, whichever kernel the call dispatches to
+    (the fake kernel on meta tensors returned outputs for xs on meta and subtract on the CPU)."""
+    xs, subtract = [torch.randn(4, device=xs_device)], [torch.randn(4, device=subtract_device)]
+    with pytest.raises(ValueError, match=rf"layerwise_topk: subtract\[0\] is on {subtract_device} but xs\[0\] is "
+                                         rf"on {xs_device}"):
+        torch.ops.unlearn_ext.layerwise_topk(xs, 0.5, True, subtract)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
