@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <string>
@@ -45,14 +46,19 @@ class ArgChecks {
   explicit ArgChecks(const char* op) : op_(op) {}
 
   // The keep ratio r of SPEC §1.1: 0 < r <= 1 (NaN fails both comparisons).
-  void ratio(double r) const { TORCH_CHECK_VALUE(r > 0.0 && r <= 1.0, op_, ": ratio must be in (0, 1], got ", r); }
+  void ratio(double r) const {
+    TORCH_CHECK_VALUE(r > 0.0 && r <= 1.0, op_, ": ratio must be in (0, 1], got ", r);
+  }
 
   void finite(const char* name, double v) const {
     TORCH_CHECK_VALUE(std::isfinite(v), op_, ": ", name, " must be finite, got ", v);
   }
 
-  void non_negative(const char* name, double v) const {
-    TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0.0, op_, ": ", name, " must be finite and >= 0.0, got ", v);
+  // Hyper-parameters given as (name, value) pairs: each finite and >= 0.
+  void non_negative(std::initializer_list<std::pair<const char*, double>> values) const {
+    for (const auto& [name, v] : values) {
+      TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0.0, op_, ": ", name, " must be finite and >= 0.0, got ", v);
+    }
   }
 
   // A moment coefficient of Adam: 0 <= v < 1.
@@ -272,11 +278,8 @@ inline StepArgs sgd_args(at::TensorList params, at::TensorList grads, at::Tensor
                          double dampening, double weight_decay, bool nesterov, double off_scale) {
   const char* op = "masked_sgd_";
   const ArgChecks check(op);
-  check.non_negative("lr", lr);
-  check.non_negative("momentum", momentum);
-  check.non_negative("dampening", dampening);
-  check.non_negative("weight_decay", weight_decay);
-  check.non_negative("off_scale", off_scale);
+  check.non_negative({{"lr", lr}, {"momentum", momentum}, {"dampening", dampening}, {"weight_decay", weight_decay},
+                      {"off_scale", off_scale}});
   TORCH_CHECK_VALUE(!nesterov || (momentum > 0 && dampening == 0), op,
                     ": nesterov requires momentum > 0 and dampening == 0");
   // With momentum == 0 the buffers are never touched and may be an empty list.
@@ -290,10 +293,7 @@ inline StepArgs adam_args(at::TensorList params, at::TensorList grads, at::Tenso
                           double off_scale) {
   const char* op = "masked_adam_";
   const ArgChecks check(op);
-  check.non_negative("lr", lr);
-  check.non_negative("eps", eps);
-  check.non_negative("weight_decay", weight_decay);
-  check.non_negative("off_scale", off_scale);
+  check.non_negative({{"lr", lr}, {"eps", eps}, {"weight_decay", weight_decay}, {"off_scale", off_scale}});
   check.beta("beta1", beta1);
   check.beta("beta2", beta2);
   TORCH_CHECK_VALUE(step >= 1, op, ": step must be >= 1, got ", step);
