@@ -54,7 +54,7 @@ if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = f"{cap[0]}.{cap[1]}"
 arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
 
-sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 define_macros = [("UNLEARN_EXT_CUDA_ARCH_LIST", f'"{arch_list}"')]
 # -fopenmp in both compile and link flags: without it at::parallel_for silently runs on one thread.
 # -fno-math-errno: sqrt never sets errno, so masked_adam_'s loop vectorises it (the result is the same

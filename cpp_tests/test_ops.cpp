@@ -2,8 +2,9 @@
 // expectations for layerwise_topk (values / indices / offsets, a tie at the threshold, largest=false,
 // the subtract= form), layerwise_topk_mask, sparse_accumulate_ (B = 2 updates, a repeated index across
 // updates, nothing written on a bad index), masked_sgd_ (frozen coordinates bitwise unchanged, SGD step
-// on the selected ones) and the ValueErrors of a bad ratio and of NaN. When the library was built
-// with the CUDA kernels and a GPU is present, the CUDA kernels are compared with the CPU ones.
+// on the selected ones), the ValueErrors of a bad ratio, of NaN and of written tensors that share memory,
+// and the version counters the in-place ops bump. When the library was built with the CUDA kernels and a
+// GPU is present, the CUDA kernels are compared with the CPU ones.
 //
 // The ops are looked up by name (findSchemaOrThrow), so this binary links libunlearn_ext only for the
 // registrations its static initialisers make.
@@ -268,6 +269,35 @@ void test_errors() {
   EXPECT(throws_value_error([&] { masked_sgd_(p, nan_xs, {}, std::nullopt, o); }, "grads[1]"));
   CHECK_SAME(p[0], f32({1, 2}));
   CHECK_SAME(p[1], f32({4, 5, 6}));
+
+  // Messages start with the op (csrc/checks.h), whichever check fails.
+  EXPECT(throws_value_error([&] { layerwise_topk(xs, 1.5); }, "layerwise_topk: ratio must be in (0, 1]"));
+  EXPECT(throws_value_error([&] { masked_sgd_(p, {f32({1, 2})}, {}, std::nullopt, o); },
+                            "masked_sgd_: grads has 1 tensors but params has 2"));
+
+  // Tensors written in place must not share memory: one tensor twice, or overlapping views.
+  const at::Tensor d = f32({0, 0, 0, 0});
+  const std::vector<at::Tensor> twice = {d, d}, overlapping = {d.slice(0, 0, 3), d.slice(0, 2, 4)};
+  for (const auto& dense : {twice, overlapping}) {
+    EXPECT(throws_value_error([&] { sparse_accumulate_(dense, f32({1, 1}), i32({0, 0}), i64({0, 1, 2}), 1.0); },
+                              "sparse_accumulate_: dense[0] and dense[1] share memory"));
+  }
+  CHECK_SAME(d, f32({0, 0, 0, 0}));
+}
+
+// The in-place ops bump the version counter of every tensor they write (csrc/autograd.cpp), so autograd
+// notices that a tensor it saved has changed.
+void test_version_counters() {
+  const at::Tensor d = f32({0, 0});
+  const int64_t before = d._version();
+  sparse_accumulate_({d}, f32({1}), i32({1}), i64({0, 1}), 1.0);
+  EXPECT(d._version() == before + 1);
+  std::vector<at::Tensor> params = {f32({1, 2})}, bufs = {f32({0, 0})};
+  const int64_t p_before = params[0]._version(), b_before = bufs[0]._version();
+  Sgd o;
+  o.momentum = 0.9;
+  masked_sgd_(params, {f32({1, 1})}, bufs, std::nullopt, o);
+  EXPECT(params[0]._version() == p_before + 1 && bufs[0]._version() == b_before + 1);
 }
 
 // The CUDA kernels against the CPU ones (only with a GPU and a CUDA build of the library).
@@ -307,6 +337,7 @@ int main() {
                {"sparse_accumulate", test_sparse_accumulate},
                {"masked_sgd", test_masked_sgd},
                {"errors", test_errors},
+               {"version_counters", test_version_counters},
                {"cuda_matches_cpu", test_cuda_matches_cpu}};
   for (const auto& t : tests) {
     const int before = g_failures;

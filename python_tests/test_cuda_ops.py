@@ -616,6 +616,7 @@ def _mixed_device_calls():
         "topk xs": lambda: RAW.layerwise_topk([g, c], 0.5, True, None),
         "topk xs cpu first": lambda: RAW.layerwise_topk([c, g], 0.5, True, None),
         "topk subtract": lambda: RAW.layerwise_topk([g], 0.5, True, [c]),
+        "topk subtract on cuda": lambda: RAW.layerwise_topk([c], 0.5, True, [g]),
         "mask xs": lambda: RAW.layerwise_topk_mask([g, c], 0.5, True),
         "accumulate values": lambda: RAW.sparse_accumulate_([g.clone()], c[:2], i32.cuda(), off.cuda(), 1.0),
         "accumulate indices": lambda: RAW.sparse_accumulate_([g.clone()], g[:2], i32, off.cuda(), 1.0),
@@ -632,9 +633,9 @@ def _mixed_device_calls():
     }
 
 
-MIXED_CASES = ("topk xs", "topk xs cpu first", "topk subtract", "mask xs", "accumulate values",
-               "accumulate indices", "accumulate offsets", "accumulate dense", "sgd grads", "sgd params",
-               "sgd momentum", "sgd masks", "adam state")
+MIXED_CASES = ("topk xs", "topk xs cpu first", "topk subtract", "topk subtract on cuda", "mask xs",
+               "accumulate values", "accumulate indices", "accumulate offsets", "accumulate dense", "sgd grads",
+               "sgd params", "sgd momentum", "sgd masks", "adam state")
 
 
 @pytest.mark.parametrize("case", MIXED_CASES)

@@ -218,11 +218,16 @@ def test_not_tensors():
     _raises_untouched("dense", dense[0], values, indices, offsets)
 
 
-def test_mixed_devices():
+@pytest.mark.parametrize("raw", (False, True))
+def test_mixed_devices(request, raw):
+    """Raw calls with a tensor on meta dispatch to the fake kernel, which returned without a word."""
+    if raw:
+        request.getfixturevalue("compiled_backend")
     dense, values, indices, offsets = _good()
-    _raises_untouched("values", dense, values.to("meta"), indices, offsets)
-    _raises_untouched("offsets", dense, values, indices, offsets.to("meta"))
-    _raises_untouched(r"dense\[1\]", [dense[0], dense[1].to("meta")], values, indices, offsets)
+    _raises_untouched("values is on meta but dense\\[0\\] is on cpu", dense, values.to("meta"), indices, offsets,
+                      raw=raw)
+    _raises_untouched("offsets is on meta", dense, values, indices, offsets.to("meta"), raw=raw)
+    _raises_untouched(r"dense\[1\] is on meta", [dense[0], dense[1].to("meta")], values, indices, offsets, raw=raw)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

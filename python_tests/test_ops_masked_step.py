@@ -2,6 +2,9 @@
 and torch.optim.AdamW on the selected coordinates, the frozen-coordinate invariant (param AND state
 bitwise unchanged where unselected, over 100 steps with weight decay + momentum + nesterov), off_scale > 0,
 and every bad input raising a ValueError that names it while writing nothing."""
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
 
@@ -267,9 +270,6 @@ BAD_SGD = {
                   r"grads\[0\]"),
     "ratio_zero": (lambda p, g, b: (p, g, b, None, {"ratio": 0.0}), "ratio"),
     "ratio_above_one": (lambda p, g, b: (p, g, b, None, {"ratio": 1.5}), "ratio"),
-}
-
-BAD_SGD_WRAPPER_ONLY = {
     "params_non_contiguous": (lambda p, g, b: ([p[0], torch.randn(3, 2).t()], g, b, None, {}),
                               r"params\[1\].*contiguous"),
     "buffers_non_contiguous": (lambda p, g, b: (p, g, [b[0], torch.randn(3, 2).t()], None, {}),
@@ -298,15 +298,45 @@ def test_sgd_bad_input(request, case, raw):
     _run_bad_sgd(BAD_SGD, case, raw)
 
 
-@pytest.mark.parametrize("case", sorted(BAD_SGD_WRAPPER_ONLY))
-def test_sgd_bad_input_wrapper(case):
-    _run_bad_sgd(BAD_SGD_WRAPPER_ONLY, case, False)
+def test_sgd_momentum_buffers_none():
+    """Issue 14: momentum_buffers=None raised a TypeError; with momentum 0 it means no buffers."""
+    p, g, _ = _sgd_args()
+    a, c = _clone(p), _clone(p)
+    ops.masked_sgd_(a, g, None, None, 0.5, lr=0.1)
+    ops.masked_sgd_(c, g, [], None, 0.5, lr=0.1)
+    assert _equal(a, c) and not _equal(a, p)
+    before = _clone(p)
+    with pytest.raises(ValueError, match="momentum_buffers is None but momentum = 0.9"):
+        ops.masked_sgd_(p, g, None, None, 0.5, lr=0.1, momentum=0.9)
+    assert _equal(p, before)
+
+
+@pytest.mark.parametrize("lr", (np.float32(0.1), np.float64(0.1), Fraction(1, 10)))
+def test_hyper_parameters_may_be_any_real_number(lr):
+    p, g, b = _sgd_args()
+    a, ab, c, cb = _clone(p), _clone(b), _clone(p), _clone(b)
+    ops.masked_sgd_(a, g, ab, None, np.float32(0.5), lr=lr, momentum=np.float64(0.9))
+    ops.masked_sgd_(c, g, cb, None, 0.5, lr=float(lr), momentum=0.9)
+    assert _equal(a, c) and _equal(ab, cb)
+
+
+@pytest.mark.parametrize("name", ("lr", "momentum", "weight_decay", "off_scale"))
+@pytest.mark.parametrize("bad", (True, "0.1", None))
+def test_hyper_parameters_that_are_no_real_numbers_are_refused(name, bad):
+    p, g, b = _sgd_args()
+    _sgd_untouched(f"{name} must be a real number", p, g, b, **{name: bad})
 
 
 def test_sgd_non_contiguous_raw(compiled_backend):
+    """The raw op refuses a non-contiguous tensor it writes and copies one it only reads."""
     p, g, b = _sgd_args()
     _sgd_untouched(r"params\[1\].*contiguous", [p[0], torch.randn(3, 2).t()], g, b, raw=True)
-    _sgd_untouched(r"grads\[1\].*contiguous", p, [g[0], torch.randn(3, 2).t()], b, raw=True)
+    _sgd_untouched(r"momentum_buffers\[1\].*contiguous", p, g, [b[0], torch.randn(3, 2).t()], raw=True)
+    hyper = (0.5, 0.1, 0.9, 0.0, 0.0, False, False, 0.0)
+    a, ab, c, cb = _clone(p), _clone(b), _clone(p), _clone(b)
+    torch.ops.unlearn_ext.masked_sgd_(a, [g[0], g[1].t().contiguous().t()], ab, None, *hyper)
+    torch.ops.unlearn_ext.masked_sgd_(c, g, cb, None, *hyper)
+    assert _equal(a, c) and _equal(ab, cb)
 
 
 def test_sgd_non_contiguous_grads_are_copied(seed):
@@ -319,14 +349,14 @@ def test_sgd_non_contiguous_grads_are_copied(seed):
     assert _equal(a, c) and _equal(ab, cb)
 
 
-def _adam_untouched(match, params, grads, m1, m2, masks=None, ratio=0.5, step=1, raw=False):
+def _adam_untouched(match, params, grads, m1, m2, masks=None, ratio=0.5, step=1, beta1=0.9, raw=False):
     snap = _clone(params), _clone(m1), _clone(m2)
     with pytest.raises(ValueError, match=match):
         if raw:
-            torch.ops.unlearn_ext.masked_adam_(params, grads, m1, m2, masks, ratio, 1e-3, 0.9, 0.999, 1e-8, 0.01,
+            torch.ops.unlearn_ext.masked_adam_(params, grads, m1, m2, masks, ratio, 1e-3, beta1, 0.999, 1e-8, 0.01,
                                                step, False, 0.0)
         else:
-            ops.masked_adam_(params, grads, m1, m2, masks, ratio, step=step)
+            ops.masked_adam_(params, grads, m1, m2, masks, ratio, step=step, beta1=beta1)
     assert _equal(params, snap[0]) and _equal(m1, snap[1]) and _equal(m2, snap[2])
 
 
@@ -344,10 +374,10 @@ def test_adam_bad_input(request, raw):
                     raw=raw)
     _adam_untouched("ratio", p, g, m1, m2, ratio=-1.0, raw=raw)
     _adam_untouched("step", p, g, m1, m2, step=0, raw=raw)
+    _adam_untouched(r"exp_avgs\[1\].*contiguous", p, g, [m1[0], torch.randn(3, 2).t()], m2, raw=raw)
+    _adam_untouched("beta1", p, g, m1, m2, beta1=1.0, raw=raw)
     if not raw:
-        _adam_untouched(r"exp_avgs\[1\].*contiguous", p, g, [m1[0], torch.randn(3, 2).t()], m2)
-        with pytest.raises(ValueError, match="beta1"):
-            ops.masked_adam_(p, g, m1, m2, None, 0.5, beta1=1.0)
+        _adam_untouched("step must be an integer", p, g, m1, m2, step=1.5)
 
 
 def test_empty_param_list_is_a_no_op():

@@ -2,7 +2,9 @@
 lists (fresh seed per test), odd sizes, empty and one-element layers, heavy ties, many layers, the three
 dtypes, the ``subtract=`` form; opcheck; and every bad input raising a ValueError that names it."""
 import math
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,6 +166,22 @@ def test_bad_ratio(ratio):
             fn(xs, ratio)
 
 
+@pytest.mark.parametrize("ratio", (np.float32(0.3), np.float64(0.3), np.int64(1), 1, Fraction(3, 10)))
+def test_ratio_may_be_any_real_number(ratio):
+    """Issue 14: np.float32(0.5) was refused as a ratio."""
+    xs = [torch.randn(10), torch.randn(4, 5)]
+    _assert_same(ops.layerwise_topk(xs, ratio), ops.layerwise_topk(xs, float(ratio)))
+    assert all(torch.equal(a, b) for a, b in zip(ops.layerwise_topk_mask(xs, ratio),
+                                                 ops.layerwise_topk_mask(xs, float(ratio))))
+
+
+@pytest.mark.parametrize("ratio", (True, np.True_, "0.5", None, [0.5], torch.tensor(0.5), 1 + 0j))
+def test_ratio_that_is_no_real_number_is_refused(ratio):
+    for fn in (ops.layerwise_topk, ops.layerwise_topk_mask):
+        with pytest.raises(ValueError, match="ratio must be a real number"):
+            fn([torch.randn(10)], ratio)
+
+
 @pytest.mark.parametrize("ratio", (0.0, 1.5))
 def test_bad_ratio_raw_op(compiled_backend, ratio):
     with pytest.raises(ValueError, match="ratio"):
@@ -244,11 +262,13 @@ def test_subtract_mismatches_raw_op(compiled_backend):
 
 
 def test_non_contiguous_raw_op(compiled_backend):
-    x = torch.randn(6, 5).t()
-    with pytest.raises(ValueError, match=r"xs\[0\].*contiguous"):
-        torch.ops.unlearn_ext.layerwise_topk([x], 0.5, True, None)
-    with pytest.raises(ValueError, match=r"subtract\[0\].*contiguous"):
-        torch.ops.unlearn_ext.layerwise_topk([x.contiguous()], 0.5, True, [torch.randn(6, 5).t()])
+    """The raw op copies read-only inputs to contiguous memory, as the wrapper does, on either device."""
+    op = torch.ops.unlearn_ext.layerwise_topk
+    x, s = torch.randn(6, 5).t(), torch.randn(6, 5).t()
+    _assert_same(op([x], 0.5, True, None), op([x.contiguous()], 0.5, True, None))
+    _assert_same(op([x], 0.5, True, [s]), op([x.contiguous()], 0.5, True, [s.contiguous()]))
+    mask = torch.ops.unlearn_ext.layerwise_topk_mask([x], 0.5, True)[0]
+    assert mask.shape == x.shape and torch.equal(mask, reference.layerwise_topk_mask([x], 0.5)[0])
 
 
 def test_mixed_devices():
@@ -258,10 +278,24 @@ def test_mixed_devices():
         ops.layerwise_topk([torch.randn(4)], 0.5, subtract=[torch.randn(4, device="meta")])
 
 
+@pytest.mark.parametrize("xs_device, subtract_device", (("cpu", "meta"), ("meta", "cpu")))
+def test_mixed_devices_raw_op(compiled_backend, xs_device, subtract_device):
+    """Issue 14: the device check comes before any device work, whichever kernel the call dispatches to
+    (the fake kernel on meta tensors returned outputs for xs on meta and subtract on the CPU)."""
+    xs, subtract = [torch.randn(4, device=xs_device)], [torch.randn(4, device=subtract_device)]
+    with pytest.raises(ValueError, match=rf"layerwise_topk: subtract\[0\] is on {subtract_device} but xs\[0\] is "
+                                         rf"on {xs_device}"):
+        torch.ops.unlearn_ext.layerwise_topk(xs, 0.5, True, subtract)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_mixed_cpu_cuda():
     with pytest.raises(ValueError, match=r"xs\[1\]"):
         ops.layerwise_topk([torch.randn(4), torch.randn(4, device="cuda")], 0.5)
+    # Issue 14: xs on the CPU, subtract on CUDA raised a RuntimeError from the CUDA device guard.
+    for fn in (ops.layerwise_topk, torch.ops.unlearn_ext.layerwise_topk):
+        with pytest.raises(ValueError, match=r"subtract\[0\] is on cuda:0 but xs\[0\] is on cpu"):
+            fn([torch.randn(4)], 0.5, True, [torch.randn(4, device="cuda")])
 
 
 def test_too_many_elements():

@@ -5,18 +5,12 @@
 
 #include <memory>
 
-#include "cpu/common_cpu.h"
+#include "checks.h"
+#include "cpu/multi_tensor.h"
 
 namespace unlearn_ext {
 namespace cpu {
 namespace {
-
-constexpr const char* kOp = "sparse_accumulate_";
-
-void check_vector(const std::string& name, const at::Tensor& t) {
-  check_cpu_tensor(kOp, name, t);
-  TORCH_CHECK_VALUE(t.dim() == 1, kOp, ": ", name, " must be 1-D, got ", t.dim(), "-D");
-}
 
 // One segment's additions on a reduced-precision layer whose indices repeat or are unordered: summed in
 // float32 per entry and rounded once, as the reference's float32 index_add_ on the widened layer does.
@@ -27,31 +21,17 @@ void add_segment_widened(T* d, const V* v, const int32_t* idx, int64_t lo, int64
   for (int64_t e = lo; e < hi; ++e) d[idx[e]] = static_cast<T>(acc[idx[e]]);
 }
 
-void sparse_accumulate_cpu(at::TensorList dense, const at::Tensor& values, const at::Tensor& indices,
-                           const at::Tensor& offsets, double alpha) {
-  TORCH_CHECK_VALUE(!dense.empty(), kOp, ": dense must hold at least one tensor");
-  check_value_list(kOp, "dense", dense, /*same_dtype=*/false);
-  check_vector("values", values);
-  check_vector("indices", indices);
-  check_vector("offsets", offsets);
-  TORCH_CHECK_VALUE(is_value_dtype(values.scalar_type()), kOp, ": values has dtype ", values.scalar_type(),
-                    "; supported: float32, float16, bfloat16");
-  TORCH_CHECK_VALUE(indices.scalar_type() == at::kInt, kOp, ": indices must be int32, got ", indices.scalar_type());
-  TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong, kOp, ": offsets must be int64, got ", offsets.scalar_type());
-  TORCH_CHECK_VALUE(values.numel() == indices.numel(), kOp, ": values has ", values.numel(),
-                    " entries but indices has ", indices.numel());
-  TORCH_CHECK_VALUE(offsets.numel() >= 1, kOp, ": offsets must have at least one entry (0)");
-
+void sparse_accumulate_cpu(at::TensorList dense_in, const at::Tensor& values_in, const at::Tensor& indices_in,
+                           const at::Tensor& offsets_in, double alpha) {
+  const AccumulateArgs args = accumulate_args(dense_in, values_in, indices_in, offsets_in, alpha);
+  const std::vector<at::Tensor>& dense = args.dense;
+  const at::Tensor &values = args.values, &indices = args.indices;
   const int64_t L = static_cast<int64_t>(dense.size());
-  const int64_t S = offsets.numel() - 1;
-  const int64_t* off = offsets.const_data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(off[0] == 0 && off[S] == values.numel(), kOp,
-                    ": offsets must start at 0 and end at len(values) = ", values.numel(), ", got ", off[0],
-                    " ... ", off[S]);
-  TORCH_CHECK_VALUE(S % L == 0, kOp, ": offsets has ", S, " segments, not a multiple of len(dense) = ", L);
+  const int64_t S = args.offsets.numel() - 1;
+  const int64_t* off = args.offsets.const_data_ptr<int64_t>();
+  AccumulateDataError::span(off[0], off[S], values.numel());
   for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK_VALUE(off[s] <= off[s + 1], kOp, ": offsets decrease at segment ", s, " (", off[s], " > ",
-                      off[s + 1], ")");
+    if (off[s] > off[s + 1]) AccumulateDataError::decreasing(s, off[s], off[s + 1]);
   }
 
   // Index ranges, and whether each segment is strictly ascending (then no entry repeats).
@@ -68,18 +48,17 @@ void sparse_accumulate_cpu(at::TensorList dense, const at::Tensor& values, const
     seg[s] = (in_range ? 0 : kOutOfRange) | (ascending ? kAscending : 0);
   });
   for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK_VALUE(!(seg[s] & kOutOfRange), kOp, ": indices of segment ", s, " (layer ", s % L,
-                      ") out of range [0, ", dense[s % L].numel(), ")");
+    if (seg[s] & kOutOfRange) AccumulateDataError::out_of_range(s, L, dense[s % L].numel());
   }
 
   const float a = static_cast<float>(alpha);
   parallel_dynamic(L, values.numel(), [&](int64_t l) {
-    UE_DISPATCH_FLOATS(dense[l].scalar_type(), "sparse_accumulate_cpu", [&] {
-      using T = scalar_t;
+    dispatch_value_type(dense[l].scalar_type(), [&](auto layer_tag) {
+      using T = decltype(layer_tag);
       T* d = dense[l].data_ptr<T>();
       std::unique_ptr<float[]> acc;  // only for repeated indices in a reduced-precision layer
-      UE_DISPATCH_FLOATS(values.scalar_type(), "sparse_accumulate_cpu_values", [&] {
-        const scalar_t* v = values.const_data_ptr<scalar_t>();
+      dispatch_value_type(values.scalar_type(), [&](auto value_tag) {
+        const auto* v = values.const_data_ptr<decltype(value_tag)>();
         for (int64_t s = l; s < S; s += L) {
           if (std::is_same_v<T, float> || (seg[s] & kAscending)) {
             for (int64_t e = off[s]; e < off[s + 1]; ++e)

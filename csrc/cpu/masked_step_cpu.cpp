@@ -10,42 +10,44 @@
 #include <optional>
 #include <type_traits>
 
-#include "cpu/common_cpu.h"
+#include "checks.h"
+#include "cpu/multi_tensor.h"
+#include "cpu/radix_select.h"
 #include "masked_step.h"
 
 namespace unlearn_ext {
 namespace cpu {
 namespace {
 
-// Checks masks (or builds the top-|grad| selection, refusing NaN/Inf) before anything is written, then
-// runs step(i, g, selected) over every element. `make_step(layer, T{})` returns the step for a layer
+// Builds the top-|grad| selection when no masks are given (refusing NaN/Inf before anything is written),
+// then runs step(i, g, selected) over every element. `make_step(layer, T{})` returns the step for a layer
 // of dtype T.
 template <class MakeStep>
-void run_masked_step(const char* op, at::TensorList params, at::TensorList grads,
-                     const std::optional<at::TensorList>& masks, double ratio, const MakeStep& make_step) {
-  check_ratio(op, ratio);
-  if (masks) check_pairs(op, "masks", *masks, "params", params, at::kBool);
-  std::optional<LayerwiseSelection> sel;
+void run_masked_step(const char* op, const StepArgs& a, double ratio, const MakeStep& make_step) {
+  std::optional<LayerSelection> sel;
   std::optional<ChunkPlan> own_plan;
-  if (masks) {
+  if (a.masks) {
     std::vector<int64_t> sizes;
-    for (const at::Tensor& p : params) sizes.push_back(p.numel());
+    for (const at::Tensor& p : a.params) sizes.push_back(p.numel());
     own_plan.emplace(sizes);
   } else {
     std::vector<Source> src;
-    for (const at::Tensor& g : grads) src.push_back({g, at::Tensor()});
-    sel.emplace(std::move(src), ratio, /*largest=*/true, op, "grads");
+    for (const at::Tensor& g : a.grads) src.push_back({g, at::Tensor()});
+    sel.emplace(std::move(src), ratio, /*largest=*/true);
+    sel->compute();
+    sel->check_finite(op, "grads");
   }
   const ChunkPlan& plan = sel ? sel->plan() : *own_plan;
   parallel_dynamic(plan.size(), plan.total, [&](int64_t j) {
     const Item& it = plan.items[j];
-    UE_DISPATCH_FLOATS(params[it.layer].scalar_type(), "unlearn_ext_masked_step", [&] {
-      const auto step = make_step(it.layer, scalar_t{});
-      const PlainReader<scalar_t> grad{grads[it.layer].const_data_ptr<scalar_t>()};
+    dispatch_value_type(a.params[it.layer].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const auto step = make_step(it.layer, T{});
+      const RankedValue<T> grad{a.grads[it.layer].const_data_ptr<T>(), nullptr};
       if (sel) {
         sel->scan(j, grad, step);
       } else {
-        const bool* m = (*masks)[it.layer].const_data_ptr<bool>();
+        const bool* m = (*a.masks)[it.layer].const_data_ptr<bool>();
         _Pragma("GCC ivdep") for (int64_t i = it.begin; i < it.end; ++i) step(i, grad(i), m[i]);
       }
     });
@@ -82,21 +84,19 @@ void with_flags(bool a, bool b, bool c, const F& f) {
 void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                     std::optional<at::TensorList> masks, double ratio, double lr, double momentum, double dampening,
                     double weight_decay, bool nesterov, bool maximize, double off_scale) {
-  constexpr const char* op = "masked_sgd_";
-  check_value_list(op, "params", params, /*same_dtype=*/false);
-  check_pairs(op, "grads", grads, "params", params);
+  const StepArgs a = sgd_args(params, grads, momentum_buffers, masks, ratio, lr, momentum, dampening, weight_decay,
+                              nesterov, off_scale);
   const bool use_momentum = momentum != 0.0;
-  if (use_momentum || !momentum_buffers.empty()) check_pairs(op, "momentum_buffers", momentum_buffers, "params", params);
   const bool frozen_off = off_scale == 0.0;
   const SgdCoeffs c{static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
                     static_cast<float>(weight_decay), static_cast<float>(-lr)};
   const float off = static_cast<float>(off_scale), sign = maximize ? -1.0f : 1.0f;
   with_flags(use_momentum, use_momentum && nesterov, weight_decay != 0.0, [&](auto M, auto N, auto D) {
     constexpr bool kMomentum = decltype(M)::value, kNesterov = decltype(N)::value, kDecay = decltype(D)::value;
-    run_masked_step(op, params, grads, masks, ratio, [&](int64_t l, auto tag) {
+    run_masked_step("masked_sgd_", a, ratio, [&](int64_t l, auto tag) {
       using T = decltype(tag);
-      T* p = params[l].data_ptr<T>();
-      T* buf = kMomentum ? momentum_buffers[l].data_ptr<T>() : nullptr;
+      T* p = a.params[l].data_ptr<T>();
+      T* buf = kMomentum ? a.state[0][l].data_ptr<T>() : nullptr;
       return [=](int64_t i, float g, bool selected) __attribute__((always_inline)) {
         const bool moves = selected | !frozen_off;
         g = g * sign * select_bits(selected, 1.0f, off);  // maximize, off_scale (x +-1 is exact)
@@ -114,12 +114,8 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 void masked_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                      std::optional<at::TensorList> masks, double ratio, double lr, double beta1, double beta2,
                      double eps, double weight_decay, int64_t step, bool maximize, double off_scale) {
-  constexpr const char* op = "masked_adam_";
-  check_value_list(op, "params", params, /*same_dtype=*/false);
-  check_pairs(op, "grads", grads, "params", params);
-  check_pairs(op, "exp_avgs", exp_avgs, "params", params);
-  check_pairs(op, "exp_avg_sqs", exp_avg_sqs, "params", params);
-  TORCH_CHECK_VALUE(step >= 1, op, ": step must be >= 1, got ", step);
+  const StepArgs a = adam_args(params, grads, exp_avgs, exp_avg_sqs, masks, ratio, lr, beta1, beta2, eps,
+                               weight_decay, step, off_scale);
   // Python's float ** is C pow, so these doubles match torch.optim.AdamW's bit for bit.
   const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bias_correction2_sqrt = std::pow(1.0 - std::pow(beta2, static_cast<double>(step)), 0.5);
@@ -131,11 +127,11 @@ void masked_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const float off = static_cast<float>(off_scale), sign = maximize ? -1.0f : 1.0f;
   with_flags(std::abs(w) < 0.5f, false, false, [&](auto SW, auto, auto) {
     constexpr bool kSmallWeight = decltype(SW)::value;
-    run_masked_step(op, params, grads, masks, ratio, [&](int64_t l, auto tag) {
+    run_masked_step("masked_adam_", a, ratio, [&](int64_t l, auto tag) {
       using T = decltype(tag);
-      T* p = params[l].data_ptr<T>();
-      T* m1 = exp_avgs[l].data_ptr<T>();
-      T* m2 = exp_avg_sqs[l].data_ptr<T>();
+      T* p = a.params[l].data_ptr<T>();
+      T* m1 = a.state[0][l].data_ptr<T>();
+      T* m2 = a.state[1][l].data_ptr<T>();
       return [=](int64_t i, float g, bool selected) __attribute__((always_inline)) {
         const bool moves = selected | !frozen_off;
         g = g * sign * select_bits(selected, 1.0f, off);

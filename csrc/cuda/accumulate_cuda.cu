@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "checks.h"
 #include "cuda/multi_tensor.cuh"
 
 namespace unlearn_ext {
@@ -146,33 +147,16 @@ void accumulate_by_segments(const std::vector<at::Tensor>& dense, const at::Tens
   }
 }
 
-void check_1d(const char* name, const at::Tensor& t, const at::Device& device, bool ok_dtype,
-              const char* dtypes) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && ok_dtype, name, " must be a 1-D tensor of dtype ", dtypes, ", got ", t.dim(),
-                    "-D ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device(), " but dense[0] is on ", device);
-}
-
 void sparse_accumulate_cuda(at::TensorList dense_in, const at::Tensor& values_in, const at::Tensor& indices_in,
                             const at::Tensor& offsets_in, double alpha) {
-  TORCH_CHECK_VALUE(!dense_in.empty(), "dense must hold at least one tensor");
-  const at::Device device = dense_in[0].device();
-  const std::vector<at::Tensor> dense = checked_list("dense", dense_in, device, true, /*inplace=*/true);
-  TORCH_CHECK_VALUE(std::isfinite(alpha), "alpha must be finite, got ", alpha);
-  check_1d("values", values_in, device, is_value_type(values_in.scalar_type()), "torch.float32 or torch.float16 or torch.bfloat16");
-  check_1d("indices", indices_in, device, indices_in.scalar_type() == at::kInt, "torch.int32");
-  check_1d("offsets", offsets_in, device, offsets_in.scalar_type() == at::kLong, "torch.int64");
-  TORCH_CHECK_VALUE(values_in.numel() == indices_in.numel(), "values has ", values_in.numel(),
-                    " entries but indices has ", indices_in.numel());
-  TORCH_CHECK_VALUE(offsets_in.numel() >= 1, "offsets must have at least one entry (0)");
+  const AccumulateArgs args = accumulate_args(dense_in, values_in, indices_in, offsets_in, alpha);
+  const std::vector<at::Tensor>& dense = args.dense;
+  const at::Tensor &values = args.values, &indices = args.indices, &offsets = args.offsets;
   const int L = static_cast<int>(dense.size());
-  const int64_t nseg = offsets_in.numel() - 1, nvals = values_in.numel();
-  TORCH_CHECK_VALUE(nseg % L == 0, "sparse_accumulate_: offsets has ", nseg,
-                    " segments, not a multiple of len(dense) = ", L);
+  const int64_t nseg = offsets.numel() - 1, nvals = values.numel();
+  const at::Device device = dense[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor values = values_in.contiguous(), indices = indices_in.contiguous(),
-                   offsets = offsets_in.contiguous();
 
   at::Tensor table = at::empty({L, 3}, at::kLong);
   LayerRef* rows = reinterpret_cast<LayerRef*>(table.data_ptr<int64_t>());
@@ -192,18 +176,11 @@ void sparse_accumulate_cuda(at::TensorList dense_in, const at::Tensor& values_in
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor rep = report.cpu();  // syncs
   const int64_t* r = rep.data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(r[0] == 0 && r[1] == nvals, "sparse_accumulate_: offsets must start at 0 and end at "
-                    "len(values) = ", nvals, ", got ", r[0], " ... ", r[1]);
+  AccumulateDataError::span(r[0], r[1], nvals);
   if (r[2] != INT64_MAX) {
-    const int64_t s = r[2];
-    TORCH_CHECK_VALUE(false, "sparse_accumulate_: offsets decrease at segment ", s, " (",
-                      offsets[s].item<int64_t>(), " > ", offsets[s + 1].item<int64_t>(), ")");
+    AccumulateDataError::decreasing(r[2], offsets[r[2]].item<int64_t>(), offsets[r[2] + 1].item<int64_t>());
   }
-  if (r[3] != INT64_MAX) {
-    const int64_t s = r[3];
-    TORCH_CHECK_VALUE(false, "sparse_accumulate_: indices of segment ", s, " (layer ", s % L,
-                      ") out of range [0, ", dense[s % L].numel(), ")");
-  }
+  if (r[3] != INT64_MAX) AccumulateDataError::out_of_range(r[3], L, dense[r[3] % L].numel());
   if (nvals == 0) return;
   if (r[4] != INT64_MAX) return accumulate_by_segments(dense, values, indices, offsets, alpha);
 

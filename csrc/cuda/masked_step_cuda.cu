@@ -16,6 +16,7 @@
 #include <optional>
 #include <type_traits>
 
+#include "checks.h"
 #include "cuda/radix_select.cuh"
 #include "masked_step.h"
 
@@ -113,49 +114,22 @@ void run_step(const char* op, const TensorLists<kSlots>& lists, bool have_masks,
   sel.walk(make_step);
 }
 
-// params (in place), grads and masks checked; returns the lists with empty state slots.
-TensorLists<kSlots> step_lists(at::TensorList params, at::TensorList grads,
-                               const std::optional<at::TensorList>& masks, double ratio) {
-  TORCH_CHECK_VALUE(!params.empty(), "params must hold at least one tensor");
-  const at::Device device = params[0].device();
+// The checked arguments in the table slots.
+TensorLists<kSlots> step_lists(StepArgs&& a) {
   TensorLists<kSlots> lists;
-  lists[0] = checked_list("params", params, device, true, /*inplace=*/true);
-  lists[1] = checked_list("grads", grads, device, true, false);
-  check_matching("grads", lists[1], "params", lists[0], /*same_dtype=*/true);
-  check_ratio(ratio);
-  if (masks.has_value()) {
-    lists[kMaskSlot] = checked_list("masks", *masks, device, false, false);
-    for (size_t i = 0; i < lists[kMaskSlot].size(); ++i) {
-      TORCH_CHECK_VALUE(lists[kMaskSlot][i].scalar_type() == at::kBool, "masks[", i, "] has dtype ",
-                        lists[kMaskSlot][i].scalar_type(), "; supported: torch.bool");
-    }
-    check_matching("masks", lists[kMaskSlot], "params", lists[0], /*same_dtype=*/false);
-  }
+  lists[0] = std::move(a.params);
+  lists[1] = std::move(a.grads);
+  for (size_t s = 0; s < a.state.size(); ++s) lists[2 + s] = std::move(a.state[s]);
+  if (a.masks) lists[kMaskSlot] = std::move(*a.masks);
   return lists;
-}
-
-void state_list(TensorLists<kSlots>& lists, int slot, const char* name, at::TensorList xs) {
-  lists[slot] = checked_list(name, xs, lists[0][0].device(), true, /*inplace=*/true);
-  check_matching(name, lists[slot], "params", lists[0], /*same_dtype=*/true);
-}
-
-void check_hyper(const char* name, double v) {
-  TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0.0, name, " must be finite and >= 0.0, got ", v);
 }
 
 void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                      std::optional<at::TensorList> masks, double ratio, double lr, double momentum,
                      double dampening, double weight_decay, bool nesterov, bool maximize, double off_scale) {
-  check_hyper("lr", lr);
-  check_hyper("momentum", momentum);
-  check_hyper("dampening", dampening);
-  check_hyper("weight_decay", weight_decay);
-  check_hyper("off_scale", off_scale);
-  TORCH_CHECK_VALUE(!nesterov || (momentum > 0 && dampening == 0),
-                    "nesterov requires momentum > 0 and dampening == 0");
-  TensorLists<kSlots> lists = step_lists(params, grads, masks, ratio);
-  // With momentum == 0 the buffers are never touched and may be an empty list.
-  if (momentum != 0 || !momentum_buffers.empty()) state_list(lists, 2, "momentum_buffers", momentum_buffers);
+  const TensorLists<kSlots> lists = step_lists(sgd_args(params, grads, momentum_buffers, masks, ratio, lr, momentum,
+                                                        dampening, weight_decay, nesterov, off_scale));
+  if (lists[0].empty()) return;
   const c10::cuda::CUDAGuard guard(lists[0][0].device());
   const SgdUpdate update{SgdCoeffs{static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
                                   static_cast<float>(weight_decay), static_cast<float>(-lr)},
@@ -169,16 +143,9 @@ void masked_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList exp_avg_sqs, std::optional<at::TensorList> masks, double ratio, double lr,
                       double beta1, double beta2, double eps, double weight_decay, int64_t step, bool maximize,
                       double off_scale) {
-  check_hyper("lr", lr);
-  check_hyper("eps", eps);
-  check_hyper("weight_decay", weight_decay);
-  check_hyper("off_scale", off_scale);
-  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, "beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, "beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1, got ", step);
-  TensorLists<kSlots> lists = step_lists(params, grads, masks, ratio);
-  state_list(lists, 2, "exp_avgs", exp_avgs);
-  state_list(lists, 3, "exp_avg_sqs", exp_avg_sqs);
+  const TensorLists<kSlots> lists = step_lists(adam_args(params, grads, exp_avgs, exp_avg_sqs, masks, ratio, lr,
+                                                         beta1, beta2, eps, weight_decay, step, off_scale));
+  if (lists[0].empty()) return;
   const c10::cuda::CUDAGuard guard(lists[0][0].device());
   const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bias_correction2_sqrt = std::pow(1.0 - std::pow(beta2, static_cast<double>(step)), 0.5);

@@ -14,7 +14,6 @@
 
 #include <array>
 #include <cstdint>
-#include <limits>
 #include <map>
 #include <vector>
 
@@ -121,63 +120,6 @@ std::map<at::ScalarType, std::vector<int>> dtype_groups(const TensorLists<D>& li
   std::map<at::ScalarType, std::vector<int>> groups;
   for (int l = 0; l < static_cast<int>(lists[0].size()); ++l) groups[lists[0][l].scalar_type()].push_back(l);
   return groups;
-}
-
-// Calls fn(scalar_t{}) for the value dtypes the ops support (float math happens in float32).
-template <typename Fn>
-void dispatch_value_type(at::ScalarType st, Fn&& fn) {
-  switch (st) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK_VALUE(false, "unsupported dtype ", st, "; supported: float32, float16, bfloat16");
-  }
-}
-
-inline bool is_value_type(at::ScalarType st) {
-  return st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
-}
-
-// ---- argument checks (the messages of unlearn_ext/ops/checks.py) ----
-
-// A list of tensors on `device`, of supported sizes; with `dtype` given, all of that dtype; written in
-// place (`inplace`) tensors must be contiguous, read-only ones are made contiguous.
-inline std::vector<at::Tensor> checked_list(const char* name, at::TensorList xs, const at::Device& device,
-                                            bool values_only, bool inplace) {
-  std::vector<at::Tensor> out;
-  out.reserve(xs.size());
-  for (size_t i = 0; i < xs.size(); ++i) {
-    const at::Tensor& x = xs[i];
-    TORCH_CHECK_VALUE(x.defined(), name, "[", i, "] is not a tensor");
-    TORCH_CHECK_VALUE(!values_only || is_value_type(x.scalar_type()), name, "[", i, "] has dtype ",
-                      x.scalar_type(), "; supported: float32, float16, bfloat16");
-    TORCH_CHECK_VALUE(x.numel() <= std::numeric_limits<int32_t>::max(), name, "[", i, "] has ", x.numel(),
-                      " elements; at most 2**31 - 1 are supported (indices are int32)");
-    TORCH_CHECK_VALUE(x.device() == device, name, "[", i, "] is on ", x.device(), " but the op runs on ",
-                      device);
-    TORCH_CHECK_VALUE(!inplace || x.is_contiguous(), name, "[", i,
-                      "] is not contiguous; it is written in place, so pass a contiguous tensor");
-    out.push_back(x.contiguous());
-  }
-  return out;
-}
-
-// `xs` pairs up with `refs`: same length and shapes (and dtypes when same_dtype).
-inline void check_matching(const char* name, const std::vector<at::Tensor>& xs, const char* ref_name,
-                           const std::vector<at::Tensor>& refs, bool same_dtype) {
-  TORCH_CHECK_VALUE(xs.size() == refs.size(), name, " has ", xs.size(), " tensors but ", ref_name, " has ",
-                    refs.size());
-  for (size_t i = 0; i < xs.size(); ++i) {
-    TORCH_CHECK_VALUE(xs[i].sizes() == refs[i].sizes(), name, "[", i, "] has shape ", xs[i].sizes(),
-                      " but ", ref_name, "[", i, "] has ", refs[i].sizes());
-    TORCH_CHECK_VALUE(!same_dtype || xs[i].scalar_type() == refs[i].scalar_type(), name, "[", i,
-                      "] has dtype ", xs[i].scalar_type(), " but ", ref_name, "[", i, "] has ",
-                      refs[i].scalar_type());
-  }
-}
-
-inline void check_ratio(double ratio) {
-  TORCH_CHECK_VALUE(ratio > 0.0 && ratio <= 1.0, "ratio must be in (0, 1], got ", ratio);
 }
 
 }  // namespace cuda

@@ -1,5 +1,6 @@
 // Per-layer top-k selection on the GPU (SPEC §1.1), shared by layerwise_topk(_mask) and the masked
-// optimizer steps. It runs the rule of select.h, so it selects exactly the CPU kernels' sets:
+// optimizer steps; the counterpart of cpu/radix_select.h. It runs the rule of select.h, so it selects
+// exactly the CPU kernels' sets:
 //
 //   1. three radix passes (11 + 10 + 10 bits of the 31-bit rank key), each one launch sequence over
 //      all layers: every block builds a shared-memory histogram of its chunk's candidates (keys whose
@@ -19,6 +20,7 @@
 #include <climits>
 #include <type_traits>
 
+#include "checks.h"
 #include "cuda/multi_tensor.cuh"
 #include "select.h"
 

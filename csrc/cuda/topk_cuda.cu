@@ -8,6 +8,7 @@
 
 #include <optional>
 
+#include "checks.h"
 #include "cuda/radix_select.cuh"
 
 namespace unlearn_ext {
@@ -43,17 +44,6 @@ struct MaskSink {
   }
 };
 
-// xs checked and made contiguous, all of one dtype (the values output has one dtype).
-std::vector<at::Tensor> checked_xs(at::TensorList xs) {
-  TORCH_CHECK_VALUE(!xs.empty(), "xs must hold at least one tensor");
-  std::vector<at::Tensor> out = checked_list("xs", xs, xs[0].device(), /*values_only=*/true, /*inplace=*/false);
-  for (size_t i = 1; i < out.size(); ++i) {
-    TORCH_CHECK_VALUE(out[i].scalar_type() == out[0].scalar_type(), "xs[", i, "] has dtype ",
-                      out[i].scalar_type(), " but xs[0] has ", out[0].scalar_type());
-  }
-  return out;
-}
-
 template <template <typename> class Src>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk(const TensorLists<2>& lists, double ratio, bool largest,
                                                     const char* name) {
@@ -72,20 +62,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk(const TensorLists<2>& lists,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layerwise_topk_cuda(at::TensorList xs, double ratio, bool largest,
                                                                    std::optional<at::TensorList> subtract) {
-  TensorLists<2> lists;
-  lists[0] = checked_xs(xs);
-  check_ratio(ratio);
-  const c10::cuda::CUDAGuard guard(lists[0][0].device());
-  if (!subtract.has_value()) return topk<XValue>(lists, ratio, largest, "xs");
-  lists[1] = checked_list("subtract", *subtract, lists[0][0].device(), true, false);
-  check_matching("subtract", lists[1], "xs", lists[0], /*same_dtype=*/true);
+  ArgChecks("layerwise_topk").not_empty("xs", xs);
+  TopkArgs a = topk_args("layerwise_topk", xs, ratio, subtract);
+  const c10::cuda::CUDAGuard guard(a.xs[0].device());
+  TensorLists<2> lists{std::move(a.xs), std::move(a.subtract)};
+  if (lists[1].empty()) return topk<XValue>(lists, ratio, largest, "xs");
   return topk<DiffValue>(lists, ratio, largest, "xs - subtract");
 }
 
 std::vector<at::Tensor> layerwise_topk_mask_cuda(at::TensorList xs, double ratio, bool largest) {
-  TensorLists<2> lists;
-  lists[0] = checked_xs(xs);
-  check_ratio(ratio);
+  ArgChecks("layerwise_topk_mask").not_empty("xs", xs);
+  TensorLists<2> lists{topk_args("layerwise_topk_mask", xs, ratio, std::nullopt).xs, {}};
   const c10::cuda::CUDAGuard guard(lists[0][0].device());
   for (const at::Tensor& x : lists[0]) lists[1].push_back(at::empty(x.sizes(), x.options().dtype(at::kBool)));
   LayerSelection<XValue, 2> sel(lists, ratio, largest);
