@@ -7,6 +7,8 @@ process training the unsharded model on the whole batches: the blocks put togeth
 updates, a partial store holds the per-block top-k (k = ceil(r * n_block)) of its rank's update, and
 applying the rank stores — each to its own shard, or all of them to the unsharded model — removes the
 steps. A second model on a 2 x 1 mesh (HSDP: replicated across the ranks) is recorded by rank 0 only."""
+import copy
+import json
 import math
 import warnings
 
@@ -173,3 +175,58 @@ def test_fsdp2_ranks_record_their_shards_and_unlearn_them(tmp_path):
         assert torch.equal(hsdp.sample_ids(s), single[0].store.sample_ids(s))
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_sharded_manifest_round_trips_and_a_bad_layout_is_named():
+    from unlearn_ext.record import Manifest
+    from unlearn_ext.record.sharding import LayerBlock, ShardLayout
+
+    blocks = (LayerBlock((7, 12), (4, 0), ("shard(0)",)), LayerBlock((7,), (4,), ("shard(0)",)))
+    m = Manifest(("0.weight", "0.bias"), ((3, 12), (3,)), ("float32", "float32"), 0.25, "float16",
+                 "0123456789abcdef", ShardLayout(1, 2, (2,), ("dp",), (1,), blocks))
+    assert Manifest.from_json(m.to_json()) == m
+    assert b"shards" not in Manifest.from_model(_model()).to_json()  # unsharded manifests are unchanged
+    good = json.loads(m.to_json())
+    bad = [("world_size", 1, "shards.rank"), ("mesh", {"shape": [2], "coordinate": [2], "dim_names": None},
+                                               "shards.mesh.coordinate"),
+           ("layers", good["shards"]["layers"][:1], "shards.layers"),
+           ("layers", [dict(good["shards"]["layers"][0], offset=[5, 0]), good["shards"]["layers"][1]],
+            r"shards.layers\[0\]"),
+           ("layers", [dict(good["shards"]["layers"][0], placements=["shard(2)"]), good["shards"]["layers"][1]],
+            r"shards.layers\[0\].placements"),
+           ("layers", [dict(good["shards"]["layers"][0], placements=["replicate"]), good["shards"]["layers"][1]],
+            "shards.layers' layer 1 is replicated on mesh dimensions")]
+    for key, value, field in bad:
+        d = copy.deepcopy(good)
+        d["shards"][key] = value
+        with pytest.raises(ValueError, match=f"store.ulx: the manifest's field '{field}"):
+            Manifest.from_json(json.dumps(d).encode(), "store.ulx")
+
+
+def test_layouts_that_cannot_be_recorded_or_applied_are_refused(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        plain_store = UpdateRecorder(_model()).store
+        model = _model()
+        fully_shard(model, mesh=mesh)
+        with pytest.raises(ValueError, match="'0.weight' is a DTensor shard but the store holds whole layers"):
+            plain_store.apply(model)
+        model.add_module("head", nn.Linear(1, 2))  # an ordinary parameter beside the shards
+        with pytest.raises(ValueError, match="'head.weight' is an ordinary tensor but '0.weight' is a DTensor"):
+            UpdateRecorder(model)
+        odd = _model()
+        fully_shard(odd, mesh=mesh)
+        odd[4].weight = nn.Parameter(DTensor.from_local(torch.zeros(1, 5), mesh, [Partial()]))
+        with pytest.raises(ValueError, match="'4.weight' has the placement P.* on mesh dimension 0"):
+            UpdateRecorder(odd)
+        odd[4].weight = nn.Parameter(DTensor.from_local(torch.zeros(1, 5), mesh, [Shard(0)], shape=(3, 5),
+                                                        stride=(5, 1)))  # a local tensor that is no block
+        with pytest.raises(ValueError, match=r"'4.weight': its local tensor has shape \(1, 5\), but its placements"):
+            UpdateRecorder(odd)
+    finally:
+        dist.destroy_process_group()
