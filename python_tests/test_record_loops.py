@@ -11,6 +11,7 @@ from torch import nn
 
 warnings.filterwarnings("ignore", message="unlearn_ext: compiled kernels not loaded")
 
+from stored_updates import dense_updates  # noqa: E402
 from unlearn_ext import ops  # noqa: E402
 from unlearn_ext.record import DiskStore, UpdateRecorder, model_fingerprint  # noqa: E402
 
@@ -25,14 +26,6 @@ def _mlp(seed=0):
 def _data(n=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 12, generator=g), torch.randint(0, 4, (n,), generator=g)
-
-
-def _dense(store, step):
-    """The stored update of ``step`` as one dense tensor per layer (float32)."""
-    (rec,) = store.records([step])
-    dense = [torch.zeros(s) for s in store.manifest.shapes]
-    ops.sparse_accumulate_(dense, rec.values.float(), rec.indices, rec.offsets, 1.0)
-    return dense
 
 
 def _params(model):
@@ -61,9 +54,9 @@ def test_four_accumulated_micro_batches_record_what_one_batch_of_the_four_record
             opt_w.step()
     a, w = rec_a.store, rec_w.store
     assert a.steps() == w.steps() == [0, 1, 2, 3] and rec_a.step_count == 4
-    for s, ids in enumerate(order.split(16)):
+    for s, (ids, da, dw) in enumerate(zip(order.split(16), dense_updates(a), dense_updates(w))):
         assert torch.equal(a.sample_ids(s), ids) and torch.equal(w.sample_ids(s), ids)
-        for p, q in zip(_dense(a, s), _dense(w, s)):  # equal up to the rounding of summing four quarter-losses
+        for p, q in zip(da, dw):  # equal up to the rounding of summing four quarter-losses
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
     assert a.steps_containing(order[:1]) == [0] and a.steps_containing(order[-4:]) == [3]
 
@@ -128,7 +121,7 @@ def test_a_step_the_grad_scaler_skips_records_nothing_and_its_ids_go_nowhere(amp
     for s, b in enumerate([0, 2, 3]):
         assert rec.store.sample_ids(s).tolist() == list(range(8 * b, 8 * b + 8))
         # the fp32 weights' update, exactly (autocast computes in amp_dtype, the weights stay fp32)
-        for got, want in zip(_dense(rec.store, s), expected[b]):
+        for got, want in zip(dense_updates(rec.store, [s])[0], expected[b]):
             assert torch.equal(got, want)
     assert set(rec.manifest.dtypes) == {"float32"}
     assert blind.store.steps() == [0, 1, 2, 3] and sum(c for c in
@@ -170,8 +163,8 @@ def test_a_store_recorded_on_a_compiled_model_applies_to_the_plain_model_and_bac
     _train_steps(plain, rec_p)
     rec_c.store.close()
     from_compiled = DiskStore(tmp_path / "compiled.ulx", model=plain)  # the plain model is accepted
-    for s in range(3):
-        for p, q in zip(_dense(from_compiled, s), _dense(rec_p.store, s)):
+    for dc, dp in zip(dense_updates(from_compiled), dense_updates(rec_p.store)):
+        for p, q in zip(dc, dp):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
     # the compiled model's store removes steps from a plain copy, and the plain one's from a compiled copy
     plain_target = copy.deepcopy(plain)
@@ -215,7 +208,7 @@ def test_channels_last_parameters_are_recorded_in_logical_order(keep_ratio):
             opt.step()
         delta = [p.detach() - q for p, q in zip(model.parameters(), before)]
         if keep_ratio is None:
-            for got, want in zip(_dense(rec.store, step), delta):
+            for got, want in zip(dense_updates(rec.store, [step])[0], delta):
                 assert torch.equal(got, want)
         else:
             (got,) = rec.store.records([step])
@@ -242,7 +235,7 @@ def test_each_step_records_the_update_the_lr_schedule_gave_it():
         sched.step()
     assert len(set(lrs)) == 6  # the schedule moved the rate every step
     for s in range(6):  # plain SGD: the update is -lr·grad at that step's rate (up to θ's last bit)
-        for got, g in zip(_dense(rec.store, s), grads[s]):
+        for got, g in zip(dense_updates(rec.store, [s])[0], grads[s]):
             torch.testing.assert_close(got, -lrs[s] * g, rtol=1e-5, atol=1e-7)
     rec.store.apply(model)
     for p, q in zip(model.parameters(), initial):
