@@ -6,10 +6,13 @@ ids of both ranks' samples; the manifest records the blocks and the mesh. Checke
 process training the unsharded model on the whole batches: the blocks put together are its dense
 updates, a partial store holds the per-block top-k (k = ceil(r * n_block)) of its rank's update, and
 applying the rank stores — each to its own shard, or all of them to the unsharded model — removes the
-steps. A second model on a 2 x 1 mesh (HSDP: replicated across the ranks) is recorded by rank 0 only."""
+steps. A second model on a 2 x 1 mesh (HSDP: replicated across the ranks) is recorded by rank 0 only, and
+README's FSDP2 snippet runs as written."""
 import copy
+import functools
 import json
 import math
+import os
 import warnings
 
 import pytest
@@ -21,6 +24,8 @@ from torch import nn
 
 warnings.filterwarnings("ignore", message="unlearn_ext: compiled kernels not loaded")
 
+from readme_snippets import loop_snippets  # noqa: E402
+from stored_updates import dense_updates  # noqa: E402
 from unlearn_ext import ops  # noqa: E402
 from unlearn_ext.record import DiskStore, UpdateRecorder, model_fingerprint  # noqa: E402
 
@@ -96,18 +101,19 @@ def _worker(rank, tmp):
         assert [r.enabled for r in recs] == [rank == 0] * 2
         _train(hsdp, recs, opt, slice(8 * rank, 8 * rank + 8))
         recs[0].store.close()
+
+        # README's FSDP2 snippet, as written (fully_shard on a CPU mesh: gloo cannot reduce CUDA tensors)
+        import torch.distributed.fsdp as fsdp
+
+        fsdp.fully_shard = functools.partial(fully_shard, mesh=init_device_mesh("cpu", (2,)))
+        os.chdir(tmp)
+        half = slice(8 * rank, 8 * rank + 8)
+        ns = {"model": _model(), "loader": [(x[half], y[half], ids[half]) for x, y, ids in _batches()],
+              "loss_fn": F.mse_loss, "forget_ids": _batches()[1][2][:1]}
+        exec(loop_snippets()["FSDP2"], ns)
+        assert ns["store"].steps_containing(ns["forget_ids"]) == [1]
     finally:
         dist.destroy_process_group()
-
-
-def _block_updates(store):
-    """Each record's update as dense blocks (float32), one per layer."""
-    out = []
-    for rec in store.records():
-        dense = [torch.zeros(s) for s in store.manifest.shapes]
-        ops.sparse_accumulate_(dense, rec.values.float(), rec.indices, rec.offsets, 1.0)
-        out.append(dense)
-    return out
 
 
 def test_fsdp2_ranks_record_their_shards_and_unlearn_them(tmp_path):
@@ -118,7 +124,7 @@ def test_fsdp2_ranks_record_their_shards_and_unlearn_them(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     single = [UpdateRecorder(model, optimizer=opt), UpdateRecorder(model, keep_ratio=RATIO)]
     _train(model, single, opt)
-    single_updates = _block_updates(single[0].store)
+    single_updates = dense_updates(single[0].store)
     names = single[0].manifest.names
 
     dense = [DiskStore(tmp_path / f"dense-rank{r}.ulx", model=model) for r in (0, 1)]
@@ -139,12 +145,12 @@ def test_fsdp2_ranks_record_their_shards_and_unlearn_them(tmp_path):
             got = torch.zeros_like(w)
             for store in dense:
                 b = store.manifest.shards.blocks[i]
-                b.view_of(got, store.manifest.shapes[i]).copy_(_block_updates(store)[s][i])
+                b.view_of(got, store.manifest.shapes[i]).copy_(dense_updates(store)[s][i])
             torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-7)
     # a partial store keeps the top ceil(r * n_block) of each block: per-shard top-k
     for r in (0, 1):
         part = DiskStore(tmp_path / f"partial-rank{r}.ulx", model=model)
-        for rec, blocks in zip(part.records(), _block_updates(dense[r])):
+        for rec, blocks in zip(part.records(), dense_updates(dense[r])):
             v, i, o = ops.layerwise_topk(blocks, RATIO)
             assert torch.equal(rec.indices, i) and torch.equal(rec.offsets, o)
             assert torch.equal(rec.values, v.to(torch.float16))
@@ -165,13 +171,18 @@ def test_fsdp2_ranks_record_their_shards_and_unlearn_them(tmp_path):
     for p, q in zip(unsharded.parameters(), model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
+    # README's snippet: a store per rank, of its blocks, holding every step
+    for r in (0, 1):
+        readme = DiskStore(tmp_path / f"run-rank{r}.ulx", model=model)
+        assert readme.manifest.shards.rank == r and readme.steps() == list(range(STEPS)) and not readme.dropped
+
     # HSDP: rank 0 (the first replica) recorded whole blocks, rank 1 nothing
     assert not (tmp_path / "hsdp-rank1.ulx").exists()
     hsdp = DiskStore(tmp_path / "hsdp-rank0.ulx", model=model)
     assert hsdp.manifest.shards.mesh_shape == (2, 1) and hsdp.manifest.shards.mesh_dim_names == ("replicate", "shard")
     assert hsdp.manifest.shards.blocks[0].placements == ("replicate", "shard(0)")
     assert hsdp.manifest.shapes == hsdp.manifest.global_shapes
-    for s, (got, want) in enumerate(zip(_block_updates(hsdp), single_updates)):
+    for s, (got, want) in enumerate(zip(dense_updates(hsdp), single_updates)):
         assert torch.equal(hsdp.sample_ids(s), single[0].store.sample_ids(s))
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
