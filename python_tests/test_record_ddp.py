@@ -13,6 +13,7 @@ from torch import nn
 
 warnings.filterwarnings("ignore", message="unlearn_ext: compiled kernels not loaded")
 
+from stored_updates import dense_updates  # noqa: E402
 from unlearn_ext import ops  # noqa: E402
 from unlearn_ext.data.core import IndexedTensorDataset  # noqa: E402
 from unlearn_ext.record import DiskStore, UpdateRecorder  # noqa: E402
@@ -59,15 +60,6 @@ def _worker(rank, tmp):
         dist.destroy_process_group()
 
 
-def _dense_updates(store):
-    out = []
-    for rec in store.records():
-        dense = [torch.zeros(s) for s in store.manifest.shapes]
-        ops.sparse_accumulate_(dense, rec.values.float(), rec.indices, rec.offsets, 1.0)
-        out.append(dense)
-    return out
-
-
 def test_ddp_rank0_store_equals_single_process_store(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
     assert not (tmp_path / "dense-rank1.ulx").exists() and not (tmp_path / "partial-rank1.ulx").exists()
@@ -87,8 +79,8 @@ def test_ddp_rank0_store_equals_single_process_store(tmp_path):
     for s in ddp.steps():  # rank 0 recorded the ids of both ranks' halves, in rank order
         assert torch.equal(ddp.sample_ids(s), single.store.sample_ids(s))
     assert ddp.steps_containing([3, 60]) == single.store.steps_containing([3, 60])
-    ddp_dense = _dense_updates(ddp)
-    for a, b in zip(ddp_dense, _dense_updates(single.store)):
+    ddp_dense = dense_updates(ddp)
+    for a, b in zip(ddp_dense, dense_updates(single.store)):
         for x, y in zip(a, b):  # equal up to the rounding of averaging two half-batch gradients
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
 

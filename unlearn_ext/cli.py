@@ -187,6 +187,12 @@ def _bench(rest) -> int:
     return bench_main(rest, prog="unlearn-ext bench")
 
 
+def _plan(rest) -> int:
+    from .plan import main as plan_main
+
+    return plan_main(rest, prog="unlearn-ext plan")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="unlearn-ext", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,9 +206,13 @@ def main(argv=None) -> int:
     _add_experiment_args(commands["run"], ExperimentConfig(methods=list(DEMO_METHODS)))
     sub.add_parser("bench", help="kernel benchmarks: each op against the plain-PyTorch way, in the same run "
                                  "(unlearn-ext bench --help for its options)", add_help=False)
+    sub.add_parser("plan", help="bytes a recording will take, before training: dense, partial, only-ids "
+                                "(unlearn-ext plan --help for its options)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return _bench(rest)
+    if args.command == "plan":
+        return _plan(rest)
     command = commands[args.command]
     if rest:
         command.error(f"unrecognised arguments: {' '.join(rest)}")

@@ -14,6 +14,10 @@ The bytes are those of :mod:`.disk_format`. What the file promises:
   opening it says so (``dropped.unclean`` and a warning).
 * One handle writes a file at a time (an exclusive ``flock``, taken by the first append); readers may
   open it meanwhile (they find no trailer yet, and report it as not closed cleanly).
+* It warns before it outgrows the disk: a ``RuntimeWarning`` (once per handle) when the free space of
+  its file system is less than what it still needs — the rest of ``expected_nbytes`` (the size
+  :func:`~unlearn_ext.record.planner.plan_storage` gives) or room for ``LOW_SPACE_RECORDS`` more
+  records like the last one, whichever is more; checked at creation and after every append.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import itertools
 import mmap
 import os
 import queue
+import shutil
 import sys
 import threading
 import warnings
@@ -42,6 +47,7 @@ from .store import RecordInfo, UpdateStore
 # that cannot lock the file is told it is open here, not in another process.
 _APPENDING: "weakref.WeakValueDictionary[Tuple[int, int], DiskStore]" = weakref.WeakValueDictionary()
 _TEMP_IDS = itertools.count()
+LOW_SPACE_RECORDS = 100  # warn when the disk has room for fewer records than this (module docstring)
 
 
 def _close_at_exit(ref) -> None:
@@ -82,7 +88,8 @@ class DiskStore(UpdateStore):
     a missing trailer, a trailer count that disagrees) with a ``RuntimeWarning`` whenever there is
     anything to report — the update of a dropped record can no longer be removed, so the caller must
     know. ``strict=True`` raises ``ValueError`` instead for damage (anything but a torn tail or a
-    missing trailer). Pass ``model=`` to check the fingerprint at once. A write error (a full disk:
+    missing trailer). Pass ``model=`` to check the fingerprint at once; ``expected_nbytes`` (the
+    planned size) makes the free-space warning (module docstring) look that far ahead. A write error (a full disk:
     ``ENOSPC``, a file-size limit: ``EFBIG``) stops the writer: the next ``append``, ``flush`` or
     ``close`` raises ``OSError`` with the errno, naming the step that failed; the records written before
     it stay readable, and the failed record and those after it are not in the store (``len(store)``
@@ -90,10 +97,16 @@ class DiskStore(UpdateStore):
     """
 
     def __init__(self, path, model: Optional[nn.Module] = None, *, max_pending: int = 16,
-                 strict: bool = False) -> None:
+                 strict: bool = False, expected_nbytes: Optional[int] = None) -> None:
         super().__init__()
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        if expected_nbytes is not None and (isinstance(expected_nbytes, bool) or not isinstance(expected_nbytes, int)
+                                            or expected_nbytes < 0):
+            raise ValueError(f"expected_nbytes must be None or an integer >= 0, got {expected_nbytes!r}")
+        self.expected_nbytes = expected_nbytes
+        self._size = 0  # of the file once every appended record is written (and the trailer)
+        self._space_warned = False
         self.path = os.fspath(path)
         self.max_pending = int(max_pending)
         self.strict = bool(strict)
@@ -134,6 +147,7 @@ class DiskStore(UpdateStore):
             self._add(RecordInfo.of(r.step, r.ids, r.kinds, r.counts, self.manifest, r.finite))
             self._where.append((r.offset, r.size))
         self._end = records[-1].offset + records[-1].size if records else start
+        self._size = self.nbytes()
         d = self.dropped
         if self.strict and (d.damaged or d.count_mismatch):
             raise ValueError(f"{self.path} is damaged: {d}")
@@ -183,7 +197,8 @@ class DiskStore(UpdateStore):
         finally:
             os.close(dfd)
         self._end = len(data) - fmt.TRAILER.size
-        self._seen_size = len(data)
+        self._seen_size = self._size = len(data)
+        self._warn_if_disk_short(0)
 
     def _publish(self, tmp: str, data: bytes) -> None:
         """Give the fsynced ``tmp`` the store's path, never replacing a file that is there."""
@@ -234,6 +249,28 @@ class DiskStore(UpdateStore):
         self._file_key = key
         _APPENDING[key] = self
         return f
+
+    def append(self, *args, **kwargs) -> None:
+        super().append(*args, **kwargs)
+        last = sum(self._recs[-1].nbytes.values())
+        self._size += last
+        self._warn_if_disk_short(last)
+
+    def _warn_if_disk_short(self, last_record: int) -> None:
+        """Warn (once) if the free space is less than the store still needs (module docstring)."""
+        planned = 0 if self.expected_nbytes is None else self.expected_nbytes - self._size
+        need = max(planned, LOW_SPACE_RECORDS * last_record)
+        if self._space_warned or need <= 0:
+            return
+        free = shutil.disk_usage(self._folder()).free
+        if free < need:
+            self._space_warned = True
+            what = (f"to reach its expected size of {self.expected_nbytes:,} bytes" if need == planned else
+                    f"for {LOW_SPACE_RECORDS} more records like the last ({last_record:,} bytes each)")
+            warnings.warn(f"{self.path}: its disk has {free:,} bytes free, but the store needs {need:,} more {what}. "
+                          "When the disk is full the next write fails (OSError, ENOSPC; the records written before "
+                          "it stay readable): free space or put the store elsewhere (`unlearn-ext plan` gives a "
+                          "run's size beforehand)", RuntimeWarning, stacklevel=3)
 
     def _submit(self, step, ids, enc) -> None:
         if self._closed:

@@ -4,12 +4,19 @@
 A store refuses a model whose fingerprint differs from its manifest's, naming the first layer that
 differs; a manifest read from a file is checked field by field, since every record is interpreted
 through it.
+
+Layers are named as in the plain model whatever wraps it (:func:`named_parameters`): DDP's and
+DataParallel's ``module.`` and torch.compile's ``_orig_mod.`` (of a compiled model or a compiled
+submodule) are left out, so a store recorded on a compiled or DDP-wrapped model applies to the plain
+one and back. A sharded model (FSDP2) has its whole parameters' shapes in the fingerprint and its
+local blocks' shapes in the manifest, which then carries the :class:`~.sharding.ShardLayout`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -17,40 +24,62 @@ import torch
 from torch import nn
 
 from ..ops import checks
+from .sharding import ShardLayout, layout_of
 
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FINGERPRINT = re.compile(r"[0-9a-f]{16}")
+_COMPILED = re.compile(r"(^|\.)_orig_mod\.")  # the path component torch.compile's wrapper adds
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _is_compiled(model: nn.Module) -> bool:
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported by any torch.compile call
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel (their parameter names carry ``module.``)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    """The module inside DistributedDataParallel / DataParallel (their parameter names carry ``module.``)
+    and torch.compile's wrapper (``_orig_mod.``), however they are nested."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def named_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    """``model.named_parameters()`` named as in the plain model: unwrapped (:func:`unwrap_model`) and
+    without the ``_orig_mod.`` of submodules compiled in place of the originals."""
+    return [(_COMPILED.sub(r"\1", n), p) for n, p in unwrap_model(model).named_parameters()]
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 (first 16 hex digits) of every parameter's name, shape and dtype, in named_parameters order.
+    """sha256 (first 16 hex digits) of every parameter's name, shape and dtype, in named_parameters order
+    (names and whole shapes as in the plain, unsharded model).
 
     Frozen parameters count too, so freezing a layer after training does not change the fingerprint."""
     h = hashlib.sha256()
-    for name, p in unwrap_model(model).named_parameters():
-        h.update(f"{name}:{tuple(p.shape)}:{dtype_name(p.dtype)}\n".encode())
+    for name, shape, dtype in model_layers(model):
+        h.update(f"{name}:{shape}:{dtype}\n".encode())
     return h.hexdigest()[:16]
 
 
 def model_layers(model: nn.Module) -> List[Tuple[str, Tuple[int, ...], str]]:
     """``(name, shape, dtype)`` of every parameter of ``model`` (what its fingerprint hashes)."""
-    return [(n, tuple(p.shape), dtype_name(p.dtype)) for n, p in unwrap_model(model).named_parameters()]
+    return [(n, tuple(p.shape), dtype_name(p.dtype)) for n, p in named_parameters(model)]
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a store's records mean: the recorded (trainable) layers in named_parameters order."""
+    """What a store's records mean: the recorded (trainable) layers in named_parameters order.
+
+    ``shapes`` are the recorded tensors' shapes: the local blocks when ``shards`` is set (a sharded
+    recording, :mod:`.sharding`), whose ``blocks`` then give the whole parameters' shapes."""
 
     names: Tuple[str, ...]
     shapes: Tuple[Tuple[int, ...], ...]
@@ -58,19 +87,25 @@ class Manifest:
     keep_ratio: Optional[float]
     value_dtype: str
     fingerprint: str
+    shards: Optional[ShardLayout] = None
 
     @classmethod
     def from_model(cls, model: nn.Module, keep_ratio: Optional[float] = None,
                    value_dtype: torch.dtype = torch.float32) -> "Manifest":
         if value_dtype not in VALUE_DTYPES:
             raise ValueError(f"value_dtype must be one of {', '.join(map(str, VALUE_DTYPES))}, got {value_dtype}")
-        named = [(n, p) for n, p in unwrap_model(model).named_parameters() if p.requires_grad]
+        named = trainable_parameters(model)
         if not named:
             raise ValueError("the model has no trainable parameters to record")
-        return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named),
-                   tuple(dtype_name(p.dtype) for _, p in named),
+        shards, shapes = layout_of(named)
+        return cls(tuple(n for n, _ in named), tuple(shapes), tuple(dtype_name(p.dtype) for _, p in named),
                    None if keep_ratio is None else float(keep_ratio), dtype_name(value_dtype),
-                   model_fingerprint(model))
+                   model_fingerprint(model), shards)
+
+    @property
+    def global_shapes(self) -> Tuple[Tuple[int, ...], ...]:
+        """The whole parameters' shapes (``shapes`` unless the recording is sharded)."""
+        return self.shapes if self.shards is None else tuple(b.global_shape for b in self.shards.blocks)
 
     @property
     def numels(self) -> List[int]:
@@ -92,8 +127,11 @@ class Manifest:
 
     def to_json(self) -> bytes:
         layers = [{"name": n, "shape": list(s), "dtype": d} for n, s, d in zip(self.names, self.shapes, self.dtypes)]
-        return json.dumps({"layers": layers, "keep_ratio": self.keep_ratio, "value_dtype": self.value_dtype,
-                           "fingerprint": self.fingerprint}, sort_keys=True).encode()
+        d = {"layers": layers, "keep_ratio": self.keep_ratio, "value_dtype": self.value_dtype,
+             "fingerprint": self.fingerprint}
+        if self.shards is not None:  # absent, not null, for an unsharded recording: its bytes stay as before
+            d["shards"] = self.shards.to_dict()
+        return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, source: str = "manifest") -> "Manifest":
@@ -109,7 +147,7 @@ class Manifest:
         if not isinstance(d, dict):
             raise ValueError(f"{source}: the manifest is not a JSON object (got {type(d).__name__})")
         fields = {"layers", "keep_ratio", "value_dtype", "fingerprint"}
-        missing, unknown = sorted(fields - d.keys()), sorted(d.keys() - fields)
+        missing, unknown = sorted(fields - d.keys()), sorted(d.keys() - fields - {"shards"})
         if missing:
             raise bad(missing[0], "is missing")
         if unknown:
@@ -137,7 +175,8 @@ class Manifest:
         fingerprint = d["fingerprint"]
         if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
             raise bad("fingerprint", f"must be 16 lower-case hex digits, got {_short(fingerprint)}")
-        return cls(tuple(names), tuple(shapes), tuple(dtypes), keep_ratio, value_dtype, fingerprint)
+        shards = ShardLayout.from_dict(d["shards"], shapes, bad) if "shards" in d else None
+        return cls(tuple(names), tuple(shapes), tuple(dtypes), keep_ratio, value_dtype, fingerprint, shards)
 
 
 def _short(value: Any) -> str:
@@ -178,7 +217,7 @@ def describe_difference(m: Manifest, layers: Sequence[Tuple[str, Tuple[int, ...]
     """``" (first difference: ...)"`` between a manifest's layers and another model's ``(name, shape,
     dtype)`` list (all its parameters, or a manifest's trainable ones)."""
     theirs = {n: (tuple(s), d) for n, s, d in layers}
-    for name, shape, dtype in zip(m.names, m.shapes, m.dtypes):
+    for name, shape, dtype in zip(m.names, m.global_shapes, m.dtypes):
         if name not in theirs:
             return f" (first difference: the store's layer {name!r} is not a parameter of this model)"
         if theirs[name] != (tuple(shape), dtype):
@@ -190,5 +229,10 @@ def describe_difference(m: Manifest, layers: Sequence[Tuple[str, Tuple[int, ...]
     return " (a frozen parameter differs)"
 
 
+def trainable_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    """The parameters a recorder records: those with ``requires_grad``, named as :func:`named_parameters`."""
+    return [(n, p) for n, p in named_parameters(model) if p.requires_grad]
+
+
 __all__ = ["Manifest", "VALUE_DTYPES", "describe_difference", "dtype_name", "model_fingerprint", "model_layers",
-           "unwrap_model"]
+           "named_parameters", "trainable_parameters", "unwrap_model"]

@@ -23,9 +23,22 @@ Entering ``step`` copies θ into one preallocated flat buffer; leaving it record
 Only the entries that changed are stored: exact zeros of Δ (a layer without gradient, a frozen row, an
 entry the optimizer left alone) are dropped wherever that makes the record smaller, so an unchanged layer
 is a zero-length segment (a dense layer with only a few zeros stays dense: a bitmask would cost more).
-The layers are the trainable parameters (``requires_grad``) in ``named_parameters`` order; they must
-share one dtype and device (mixed-precision training keeps fp32 master weights, which is what is
-recorded). If the optimizer step raises, nothing is recorded and the step count does not advance.
+The layers are the trainable parameters (``requires_grad``) in ``named_parameters`` order, named as in
+the plain model (a ``torch.compile``d or DDP-wrapped model records the same manifest and fingerprint as
+the plain one, :mod:`.identity`); they must share one dtype and device. Under autocast (bf16/fp16
+mixed precision) the parameters stay fp32 and are what is recorded: the update of the fp32 weights.
+A parameter in another memory order (``channels_last``) is recorded in logical order.
+
+Which samples made a step. The ids given to ``step`` — plus those added by :meth:`UpdateRecorder.add_ids`
+since the last step, in order — are the step's batch: with gradient accumulation, call ``add_ids`` for
+each micro-batch and ``step()`` around the one optimizer step. A step that raises records nothing, does
+not advance the count, and leaves its ids pending for the next step (its gradients are still there;
+attributing a sample to one step too many only makes its removal take that step too).
+
+Skipped steps. Given ``optimizer=``, the recorder sees whether the optimizer really stepped inside
+``step`` (a step post-hook): a step that a ``torch.amp.GradScaler`` skips for inf/NaN gradients records
+nothing, does not advance the count, and its ids are dropped — that batch changed nothing. Without
+``optimizer=`` such a step is recorded as an empty update holding its ids.
 
 Steps are numbered by optimizer step (counting the ones not recorded); a recorder on a non-empty store
 continues at ``store.next_step``. With ``only_ids`` (the samples declared deletable), only batches that
@@ -38,6 +51,13 @@ step is made by the samples of *all* ranks; rank 0 stores them in rank order. Gi
 code (``UpdateRecorder(ddp_model, ..., store=DiskStore(path))``): a DiskStore is created and written only
 by the rank that records into it, so the other ranks' paths stay untouched. Tested with two gloo
 processes on the CPU: rank 0's store equals the one a single process records on the whole batches.
+
+Sharded training (FSDP2's ``fully_shard``, :mod:`.sharding`): no rank holds a whole parameter, so every
+rank records the update of its own blocks into its own store (give each rank its own path), with the
+ids of all ranks' samples; the manifest records the blocks and the mesh. ``keep_ratio=r`` then keeps
+the top ⌈r·nˢ⌉ entries of each block of nˢ elements — per-shard top-k, not the top ⌈r·n⌉ of the whole
+layer: the same number of entries up to rounding, chosen per block. On an HSDP mesh only the first
+replica of each block records.
 """
 from __future__ import annotations
 
@@ -50,7 +70,8 @@ from torch import nn
 
 from .. import ops
 from ..ops import checks
-from .identity import Manifest, unwrap_model
+from .identity import Manifest, trainable_parameters
+from .sharding import local_tensor
 from .store import MemoryStore, UpdateStore
 from .validation import as_id_tensor
 
@@ -61,40 +82,87 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class _StepCounter:
+    """An optimizer step post-hook counting the steps the optimizer really took."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
+
+
 class UpdateRecorder:
     """Records ``θ_after − θ_before`` of every optimizer step wrapped in :meth:`step` into ``store``
     (a :class:`MemoryStore` by default) with the batch's sample ids. See the module docstring."""
 
     def __init__(self, model: nn.Module, keep_ratio: Optional[float] = None, store: Optional[UpdateStore] = None,
-                 value_dtype: torch.dtype = torch.float32, only_ids=None) -> None:
+                 value_dtype: torch.dtype = torch.float32, only_ids=None,
+                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         if keep_ratio is not None:
             keep_ratio = checks.ratio("keep_ratio", keep_ratio)
         self.manifest = Manifest.from_model(model, keep_ratio, value_dtype)
         self.keep_ratio = keep_ratio
         self.store = MemoryStore() if store is None else store
-        named = [(n, p) for n, p in unwrap_model(model).named_parameters() if p.requires_grad]
+        named = trainable_parameters(model)
         self._params: List[Tensor] = [p for _, p in named]
-        p0 = self._params[0]
-        for name, p in named:
+        self._sharded = self.manifest.shards is not None
+        tensors = self._tensors()
+        p0 = tensors[0]
+        for (name, _), p in zip(named, tensors):
             if p.dtype != p0.dtype or p.device != p0.device:
                 raise ValueError(f"trainable parameters must share one dtype and device: {name} is "
                                  f"{p.dtype} on {p.device}, {named[0][0]} is {p0.dtype} on {p0.device}")
+        self._counter = None if optimizer is None else self._watch(optimizer, named)
         self.only_ids = None if only_ids is None else torch.unique(as_id_tensor(only_ids))
-        rank = dist.get_rank() if _world() > 1 else 0
-        self.enabled = rank == 0
+        if self._sharded:
+            self.enabled = self.manifest.shards.records()
+        else:
+            self.enabled = (dist.get_rank() if _world() > 1 else 0) == 0
         if self.enabled:
             self.store.bind(self.manifest)
         self.step_count = self.store.next_step if self.enabled else 0
-        numels = self._numels = [p.numel() for p in self._params]
+        self.skipped_steps = 0
+        self._pending: List[Tensor] = []
+        numels = self._numels = [p.numel() for p in tensors]
         self._offsets = torch.tensor([0] + numels, dtype=torch.int64, device=p0.device).cumsum(0)
         self._before: Optional[Tensor] = None
         self._before_views: List[Tensor] = []
 
+    @staticmethod
+    def _watch(optimizer, named) -> _StepCounter:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in named if id(p) not in stepped]
+        if missing:
+            raise ValueError(f"optimizer does not update the trainable parameter {missing[0]!r} "
+                             f"({len(missing)} such): pass the optimizer that steps the recorded model")
+        counter = _StepCounter()
+        optimizer.register_step_post_hook(counter)
+        return counter
+
+    def _tensors(self) -> List[Tensor]:
+        """The recorded tensors: the parameters, or this rank's blocks of them."""
+        return [local_tensor(p) for p in self._params] if self._sharded else self._params
+
+    def add_ids(self, sample_ids) -> None:
+        """Add the ids of a micro-batch whose gradients the next optimizer step applies (gradient
+        accumulation): they are recorded with that step, before any ids given to :meth:`step`."""
+        self._pending.append(as_id_tensor(sample_ids))
+
     @contextlib.contextmanager
-    def step(self, sample_ids) -> Iterator[None]:
-        """Wrap one optimizer step taken on the batch of ``sample_ids``; on normal exit its update is
-        recorded as step ``self.step_count`` (if this batch is to be recorded) and the count advances."""
-        ids = as_id_tensor(sample_ids)
+    def step(self, sample_ids=None) -> Iterator[None]:
+        """Wrap one optimizer step taken on the batch of ``sample_ids`` (and of the micro-batches given to
+        :meth:`add_ids` since the last step); on normal exit its update is recorded as step
+        ``self.step_count`` (if this batch is to be recorded) and the count advances — unless the
+        optimizer given to the recorder did not step (module docstring)."""
+        parts = self._pending + ([] if sample_ids is None else [as_id_tensor(sample_ids)])
+        if not parts:
+            raise ValueError("sample_ids: step() got no sample ids; pass the batch's ids, or call add_ids() for "
+                             "each micro-batch of the step")
+        self._pending = []
+        local = ids = parts[0] if len(parts) == 1 else torch.cat(parts)
         if _world() > 1:
             gathered: list = [None] * _world()
             dist.all_gather_object(gathered, ids)
@@ -102,30 +170,39 @@ class UpdateRecorder:
         take = self.enabled and (self.only_ids is None or bool(torch.isin(ids, self.only_ids).any()))
         if take:
             self._snapshot()
-        yield
+        taken = None if self._counter is None else self._counter.steps
+        try:
+            yield
+        except BaseException:
+            self._pending.insert(0, local)
+            raise
+        if taken is not None and self._counter.steps == taken:
+            self.skipped_steps += 1
+            return
         if take:
             self._record(ids)
         self.step_count += 1
 
     def _snapshot(self) -> None:
         with torch.no_grad():
+            tensors = self._tensors()
             if self._before is None:
-                p0 = self._params[0]
+                p0 = tensors[0]
                 self._before = torch.empty(int(self._offsets[-1]), dtype=p0.dtype, device=p0.device)
-                self._before_views = [v.view(p.shape) for v, p in
-                                      zip(self._before.split([p.numel() for p in self._params]), self._params)]
-            torch.cat([p.detach().reshape(-1) for p in self._params], out=self._before)
+                self._before_views = [v.view(p.shape) for v, p in zip(self._before.split(self._numels), tensors)]
+            torch.cat([p.detach().reshape(-1) for p in tensors], out=self._before)
 
     def _record(self, ids: Tensor) -> None:
         with torch.no_grad():
+            tensors = self._tensors()
             if self.keep_ratio is None:
                 # Δ = θ_after − θ_before written layer by layer into one flat tensor (one pass).
                 values = torch.empty_like(self._before)
-                for p, b, out in zip(self._params, self._before_views, values.split(self._numels)):
+                for p, b, out in zip(tensors, self._before_views, values.split(self._numels)):
                     torch.sub(p.detach().reshape(-1), b.reshape(-1), out=out)
                 indices, offsets = None, self._offsets
             else:
-                values, indices, offsets = ops.layerwise_topk([p.detach() for p in self._params], self.keep_ratio,
+                values, indices, offsets = ops.layerwise_topk([p.detach() for p in tensors], self.keep_ratio,
                                                               subtract=self._before_views)
             # layerwise_topk's output is well-formed: the store skips the structural checks
             # (values are still checked finite); it drops exact zeros where that is smaller.

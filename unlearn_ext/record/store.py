@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from .. import ops
-from . import encoding
+from . import encoding, sharding
 from .disk_format import file_overhead, record_overhead
 from .encoding import KIND_NAMES, Encoded
-from .identity import Manifest, describe_difference, model_fingerprint, model_layers, unwrap_model
+from .identity import Manifest, describe_difference, model_fingerprint, model_layers, named_parameters
 from .validation import as_id_tensor, as_step, check_update
 
 Tensor = torch.Tensor
@@ -97,11 +97,15 @@ class UpdateStore:
             return
         if manifest.fingerprint != self.manifest.fingerprint:
             self._fingerprint_error(manifest.fingerprint, describe_difference(
-                self.manifest, list(zip(manifest.names, manifest.shapes, manifest.dtypes))))
+                self.manifest, list(zip(manifest.names, manifest.global_shapes, manifest.dtypes))))
         for attr in ("names", "keep_ratio", "value_dtype"):
             mine, theirs = getattr(self.manifest, attr), getattr(manifest, attr)
             if mine != theirs:
                 raise ValueError(f"{self!r} was recorded with {attr}={mine!r}; the recorder uses {theirs!r}")
+        if (self.manifest.shapes, _blocks(self.manifest)) != (manifest.shapes, _blocks(manifest)):
+            raise ValueError(f"{self!r} holds other blocks of the parameters than this rank records "
+                             f"({_where(self.manifest)} in the store, {_where(manifest)} here): give each rank the "
+                             "store it recorded")
 
     def append(self, step: int, sample_ids, values: Tensor, indices: Optional[Tensor], offsets: Tensor,
                validate: bool = True) -> None:
@@ -203,6 +207,9 @@ class UpdateStore:
 
         Stored indices count in a layer's logical (row-major) order; a parameter stored in another
         memory order (``channels_last``) is updated through a contiguous copy written back at the end.
+        A sharded recording (:mod:`.sharding`) applies to this rank's blocks of a sharded model (the
+        blocks it recorded, else ``ValueError``), or to its blocks of the whole parameters of an
+        unsharded one.
         A record holding NaN or infinity (only a file can: appending refuses them) raises ``ValueError``
         naming its step before anything is applied. Returns ``{"steps", "entries", "calls"}``."""
         self.check_model(model)
@@ -213,8 +220,9 @@ class UpdateStore:
             raise ValueError(f"{self!r}: the stored update of step {broken[0]} holds NaN or infinity "
                              f"({len(broken)} such step(s) among those to apply); applying it would turn the "
                              "model's parameters to NaN, so nothing was applied")
-        params = dict(unwrap_model(model).named_parameters())
-        targets = [params[name].detach() for name in m.names]
+        params = dict(named_parameters(model))
+        targets = [sharding.target(name, params[name], m.shards, i, shape)
+                   for i, (name, shape) in enumerate(zip(m.names, m.shapes))]
         dense = [t if t.is_contiguous() else t.contiguous() for t in targets]
         groups: List[List[int]] = []
         size = 0
@@ -288,6 +296,17 @@ class UpdateStore:
             return self._pos[int(step)]
         except KeyError:
             raise ValueError(f"step {step} is not in {self!r}") from None
+
+
+def _blocks(m: Manifest):
+    return None if m.shards is None else m.shards.blocks
+
+
+def _where(m: Manifest) -> str:
+    if m.shards is None:
+        return "whole layers"
+    return (f"rank {m.shards.rank}'s blocks, mesh coordinate {list(m.shards.coordinate)} of "
+            f"{list(m.shards.mesh_shape)}")
 
 
 class MemoryStore(UpdateStore):
