@@ -137,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep-ratios", default=",".join(f"{r:g}" for r in PAPER_KEEP_RATIOS))
     p.add_argument("--train-size", type=int, default=0, help="0: the whole training split")
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--store-dir", default="/tmp/unlearn_ext_regime_stores")
     p.add_argument("--out", default="benchmarks/results/amnesiac_regime")
     args = p.parse_args(argv)
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
         for seed in seeds:
             cfg = ExperimentConfig(dataset=args.dataset, model=model, methods=["retrain", "amnesiac", "partial_amnesiac"],
                                    train_size=args.train_size or None, test_size=None, epochs=args.epochs,
-                                   batch_size=128, keep_ratios=ratios, seed=seed, store_dir=args.store_dir)
+                                   batch_size=args.batch_size, keep_ratios=ratios, seed=seed, store_dir=args.store_dir)
             start = time.perf_counter()
             shutil.rmtree(args.store_dir, ignore_errors=True)  # a crashed earlier run's files
             exp = Experiment(cfg)
@@ -174,7 +175,8 @@ def main(argv=None) -> int:
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
              f"backend {build_info()['backend']}; load average at start {load:.1f}, at end {os.getloadavg()[0]:.1f}. "
              f"Data: {args.dataset}, {'all of the training split' if not args.train_size else args.train_size} "
-             f"(test split halved: validation / reported test). Protocol: {args.epochs} epochs, batch 128, Adam at "
+             f"(test split halved: validation / reported test). Protocol: {args.epochs} epochs, batch {args.batch_size}, "
+             f"Adam at "
              f"the model's rate; updates recorded in float32 (dense, and top-k at r ∈ {ratios}). Forget sets of "
              f"{sizes} samples, nested, drawn per seed; mean ± std over seeds {seeds}. TA on the reported test half; "
              "SVC MIA: fraction of D_f the shadow SVC calls member, minus Retrain's (0 is ideal); LR-MIA: loss-LR "

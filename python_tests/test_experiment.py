@@ -82,15 +82,16 @@ def test_demo_defaults_and_run_keeps_the_papers_protocol(monkeypatch):
 
     seen = []
     monkeypatch.setattr(cli, "_experiments", lambda todo, out, progress: seen.append(todo) or 0)
-    monkeypatch.setattr(cli, "_prepare", lambda args, out: [cli._config(args, args.seeds[0])])
+    monkeypatch.setattr(cli, "_prepare", lambda args, out: [cli._config(args, args.seeds[0], out)])
     cli.main(["demo"])
     cli.main(["run"])
     demo, run = seen[0][0], seen[1][0]
-    assert (demo.epochs, demo.batch_size, demo.train_size, demo.value_dtype) == (40, 16, 6000, "float16")
+    assert (demo.epochs, demo.batch_size, demo.train_size, demo.value_dtype) == (40, 8, 3000, "float16")
     assert {k: getattr(demo, k) for k in DEMO} == DEMO
     assert round(demo.forget_ratio * demo.train_size) >= 50  # each attack group has >= 50 members
     assert fraction_of_steps_with_forget(demo.forget_ratio, demo.batch_size) <= 0.15  # the amnesiac regime
     assert (run.epochs, run.batch_size, run.forget_ratio, run.model) == (8, 128, 0.01, "lenet")
+    assert demo.store_dir == "runs/demo/stores" and not demo.keep_stores and run.store_dir is None
 
 
 def test_a_diverged_method_is_reported_not_fatal():
@@ -103,3 +104,14 @@ def test_a_diverged_method_is_reported_not_fatal():
     assert "gap" in result["rows"]["partial_optimization"]
     from unlearn_ext import results
     assert "| certified | non-finite outputs" in results.table(result)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_disk_stores_are_kept_or_removed(tmp_path, keep):
+    stores = tmp_path / "stores"
+    result = run_experiment(_config(methods=["amnesiac", "partial_amnesiac"], epochs=1, store_dir=str(stores),
+                                    keep_stores=keep), progress=False)
+    assert result["rows"]["partial_amnesiac"]["stats"]["steps_removed"] > 0
+    files = sorted(p.name for p in stores.glob("*.ulx")) if stores.exists() else []
+    assert files == (["amnesiac-dense-seed3.ulx", "partial_amnesiac-r0.1-seed3.ulx"] if keep else [])
+    assert stores.exists() == keep

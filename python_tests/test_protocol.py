@@ -166,3 +166,17 @@ def test_small_attack_groups_are_marked_unreliable(result):
     text = results.table(small)
     assert "† unreliable" in text and results.UNRELIABLE in text.splitlines()[2]
     assert "unreliable" in results.leakage(small)
+
+
+def test_chart_names_the_attack_and_the_direction(result, tmp_path):
+    labels = [label for label, _ in results.CHART_KEYS]
+    assert any("SVC MIA" in label and "member" in label for label in labels)
+    path = tmp_path / "chart.png"
+    results.chart(result, str(path))
+    assert path.stat().st_size > 1000
+
+
+def test_retrain_is_the_reference_not_judged(result):
+    verdict = result["rows"]["retrain"]["verdict"]
+    assert verdict["reference"] and verdict["flag"] == ""
+    assert results.forgetting_cell(result["rows"]["retrain"]).startswith("the reference: FA")

@@ -117,14 +117,18 @@ def _add_experiment_args(p: argparse.ArgumentParser, defaults: ExperimentConfig)
     p.add_argument("--value-dtype", default=defaults.value_dtype, choices=sorted(VALUE_DTYPES),
                    help="dtype of the recorded updates")
     p.add_argument("--store-dir", default=None, help="keep the recorded update stores as files here "
-                   "(default: in memory)")
+                   "(default: in memory for run; temporary files under the output folder for demo)")
     p.add_argument("--hparams", type=_hparams, default={}, metavar="JSON",
                    help='per-method hyper-parameters, e.g. \'{"partial_optimization": {"epochs": 3}}\'')
     p.add_argument("--out", default=None, help="output folder for results.json and chart.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _config(args, seed: int) -> ExperimentConfig:
+def _config(args, seed: int, out: str = "") -> ExperimentConfig:
+    """The configuration of one seed. The demo records into temporary DiskStores under ``<out>/stores`` (its
+    dense record would hold gigabytes of memory) unless ``--store-dir`` keeps them elsewhere; ``run`` records
+    in memory unless ``--store-dir`` is given."""
+    out_stores = os.path.join(out, "stores") if args.command == "demo" else None
     return ExperimentConfig(dataset=args.dataset, root=args.root, model=args.model, methods=args.methods,
                             forget_ratio=None if args.forget_class is not None else args.forget_ratio,
                             forget_class=args.forget_class, train_size=args.train_size or None,
@@ -132,7 +136,8 @@ def _config(args, seed: int) -> ExperimentConfig:
                             keep_ratios=args.keep_ratios, epochs=args.epochs, batch_size=args.batch_size,
                             lr=args.lr, seed=seed, deterministic=args.deterministic,
                             calibrate=not args.no_calibrate, value_dtype=args.value_dtype,
-                            store_dir=args.store_dir, method_hparams=args.hparams)
+                            store_dir=args.store_dir or out_stores, keep_stores=args.store_dir is not None,
+                            method_hparams=args.hparams)
 
 
 def _check_out(out: str, seeds) -> None:
@@ -155,7 +160,7 @@ def _prepare(args, out: str) -> list:
     """Every check before any work: the configurations of all seeds, the output folders, the data and the
     forget set (of the first seed; the others differ only in the draw). Returns one Experiment per seed, the
     first with its data loaded."""
-    configs = [_config(args, seed) for seed in args.seeds]
+    configs = [_config(args, seed, out) for seed in args.seeds]
     for cfg in configs:
         validate_config(cfg)
     _check_out(out, args.seeds)

@@ -43,6 +43,8 @@ def forgetting_cell(row: dict, target: Optional[float] = None) -> str:
     verdict = row.get("verdict")
     if verdict is None:
         return "" if target is None else f"target FA ≤ {target:.3f}"
+    if verdict.get("reference"):
+        return f"the reference: FA {'≤' if verdict['met'] else '>'} target {verdict['target']:.3f}"
     cal = row.get("calibration")
     if cal:
         kept = cal["tries"][cal["chosen"]]
