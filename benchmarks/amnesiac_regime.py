@@ -46,6 +46,8 @@ def _variant_rows(exp: Experiment, ids: torch.Tensor) -> dict:
     exp.cfg.method_hparams = {"amnesiac": {"finetune": False}}
     rows["amnesiac (no fine-tune)"] = exp.run(ids, progress=False, methods=["amnesiac"])["rows"]["amnesiac"]
     rows["amnesiac (fine-tune 1 epoch)"] = rows.pop("amnesiac")
+    if "partial_amnesiac" in rows:  # a single r: name the row as a sweep would
+        rows[f"partial_amnesiac r={exp.cfg.ratios()[0]:g}"] = rows.pop("partial_amnesiac")
     return rows
 
 
@@ -75,6 +77,8 @@ def _regime_statement(model: str, points: dict, ratios) -> str:
             ps = by_name.get(name, [])
             if ps:
                 ok.append((statistics.fmean(p["undone"] for p in ps), abs(statistics.fmean(p["dTA"] for p in ps)) <= TA_POINTS))
+        if not ok:
+            continue
         within = [u for u, good in ok if good]
         first_bad = next((u for u, good in ok if not good), None)
         if not within:
@@ -168,6 +172,7 @@ def main(argv=None) -> int:
                 print(f"{model} seed {seed} size {n}: {undone:.1%} undone, TA retrain {rows['retrain']['TA']:.3f}, "
                       f"partial r=0.1 {rows.get('partial_amnesiac r=0.1', {}).get('TA', float('nan')):.3f}",
                       file=sys.stderr, flush=True)
+                results.write_text(json.dumps(raw, indent=1, default=repr), args.out + ".json")  # survives a crash
             exp.close()
             shutil.rmtree(args.store_dir, ignore_errors=True)
             seconds[(model, seed)] = time.perf_counter() - start
