@@ -2,7 +2,7 @@
 
 * :mod:`.splits` — the validation half carved out of the test split (calibration reads it; TA is reported
   on the other half);
-* :mod:`.hparams` — what the experiment runner hands each method (its own defaults, the run's facts, and the
+* :mod:`.runner_hparams` — what the experiment runner hands each method (its own defaults, the run's facts, and the
   model's learning rate only where the method's definition says so);
 * :mod:`.calibration` — the forgetting target and running a method with a strength knob until it is met;
 * :mod:`.verdict` — what a row says about itself: target met or missed, "no forgetting", weights equal to the
@@ -10,7 +10,7 @@
 """
 from .calibration import (LR_GRID, STEP_BUDGET, Calibration, ForgettingTarget, calibrated_run, forgetting_target,
                           supports_calibration)
-from .hparams import MODEL_LR_METHODS, PAPER_PARTIAL_METHODS, RUN_FACTS, method_hparams
+from .runner_hparams import MODEL_LR_METHODS, PAPER_PARTIAL_METHODS, RUN_FACTS, method_hparams
 from .splits import validation_split
 from .verdict import MIN_MIA_MEMBERS, forgetting_verdict, mia_reliable
 
