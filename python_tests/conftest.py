@@ -1,5 +1,6 @@
 """Shared fixtures: a fresh random seed per test (printed, so a failing test shows how to replay it with
-``UNLEARN_EXT_TEST_SEED=<seed>``) and random layer lists that exercise the kernels' edge cases."""
+``UNLEARN_EXT_TEST_SEED=<seed>``), random layer lists that exercise the kernels' edge cases, and a small
+trained LeNet with its partial recording for the methods' refusal tests."""
 from __future__ import annotations
 
 import os
@@ -93,3 +94,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def digits_lenet():
+    """A LeNet (conv layers: MSG and CT apply) trained one epoch on the first 300 digits with a partial
+    amnesiac recording: ``{"splits", "train", "model", "store"}``. Tests copy the model before changing it."""
+    from unlearn_ext import data, models
+    from unlearn_ext.methods import get_method
+    from unlearn_ext.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    splits = data.load_digits()
+    train_ds = splits.train.subset(torch.arange(300))
+    model = models.make_model("lenet", splits.input_shape, 10)
+    rec = get_method("partial_amnesiac").recorder(model)
+    train(model, data.loader(train_ds, 50, shuffle=True), TrainConfig(epochs=1, batch_size=50), recorders=[rec])
+    return {"splits": splits, "train": train_ds, "model": model, "store": rec.store}

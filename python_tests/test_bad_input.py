@@ -4,20 +4,13 @@ import copy
 import pytest
 import torch
 
-from unlearn_ext import data, models
-from unlearn_ext.methods import available_methods, get_method, unlearn
-from unlearn_ext.train import TrainConfig, train
+from unlearn_ext import data
+from unlearn_ext.methods import available_methods, unlearn
 
 
 @pytest.fixture(scope="module")
-def setting():
-    torch.manual_seed(0)
-    splits = data.load_digits()
-    train_ds = splits.train.subset(torch.arange(300))
-    model = models.make_model("lenet", splits.input_shape, 10)  # conv layers: MSG and CT apply
-    rec = get_method("partial_amnesiac").recorder(model)
-    train(model, data.loader(train_ds, 50, shuffle=True), TrainConfig(epochs=1, batch_size=50), recorders=[rec])
-    return splits, train_ds, model, rec.store
+def setting(digits_lenet):
+    return digits_lenet["splits"], digits_lenet["train"], digits_lenet["model"], digits_lenet["store"]
 
 
 @pytest.mark.parametrize("name", available_methods())

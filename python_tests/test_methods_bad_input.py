@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from unlearn_ext import data, models
+from unlearn_ext import data
 from unlearn_ext.methods import available_methods, get_method, unlearn
 from unlearn_ext.methods.common import finetune
 from unlearn_ext.record import MemoryStore
@@ -17,15 +17,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setting():
-    torch.manual_seed(0)
-    splits = data.load_digits()
-    train_ds = splits.train.subset(torch.arange(200))
-    model = models.make_model("lenet", splits.input_shape, 10)  # conv layers: MSG and CT apply
-    rec = get_method("partial_amnesiac").recorder(model)
-    train(model, data.loader(train_ds, 50, shuffle=True), TrainConfig(epochs=1, batch_size=50), recorders=[rec])
-    forget, retain = train_ds.subset(torch.arange(20)), train_ds.subset(torch.arange(20, 200))
-    return {"model": model, "store": rec.store, "forget": forget, "retain": retain, "train": train_ds}
+def setting(digits_lenet):
+    train_ds = digits_lenet["train"]
+    return {"model": digits_lenet["model"], "store": digits_lenet["store"], "train": train_ds,
+            "forget": train_ds.subset(torch.arange(20)), "retain": train_ds.subset(torch.arange(20, 300))}
 
 
 def _call(setting, name, forget=None, **hp):

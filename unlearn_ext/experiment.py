@@ -15,7 +15,6 @@ run (``benchmarks/amnesiac_regime.py``); :func:`run_experiment` is one training 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import math
 import numbers
