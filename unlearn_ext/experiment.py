@@ -74,13 +74,16 @@ class ExperimentConfig:
 
 
 #: ``unlearn-ext demo``'s setting (SPEC §7). Every number is what the demo needs for its rows to mean something;
-#: see README "The demo" for the measurements behind them.
+#: see README "Set up and run" for what it measured.
 #:
 #: * 3,000 Fashion-MNIST training images at batch 8 with a 50-image forget set: a forget sample sits in 12.6 %
-#:   of the steps (1 − (1 − 50/3000)^8), inside the amnesiac regime (≤ 15 %), and each attack has 50 members;
+#:   of the steps (1 − (1 − 50/3000)^8) instead of 72 % at batch 128, and each attack has 50 members (fewer
+#:   make the MIA columns unreliable). 12.6 % is still past the fraction up to which partial amnesiac stays near
+#:   Retrain (benchmarks/results/amnesiac_regime.md), and the demo's row shows that cost;
 #: * LeNet for 40 epochs (15,000 steps) with the paper's Adam at 1e-3, so the original memorises its training set
 #:   and leaks membership against Retrain;
-#: * updates recorded in float16 (the dense record of 15,000 steps is 3.2 GB in float32, 1.6 GB in float16).
+#: * updates recorded in float16: the dense record of 15,000 steps would be 6.5 GB as float32 deltas and is 2.0 GB
+#:   (float16 values, exact zeros dropped); partial r = 0.1 writes 0.53 GB.
 DEMO = dict(train_size=3000, test_size=2000, batch_size=8, epochs=40, forget_ratio=50 / 3000,
             value_dtype="float16")
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..optim import PartialSGD
-from ..train import TrainConfig, train, unpack_batch
+from ..train import TrainConfig, make_optimizer, unpack_batch
 from . import hparams
 
 Tensor = torch.Tensor
@@ -132,11 +132,16 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 @dataclasses.dataclass
 class ForgetAccuracyStop:
-    """Stop once accuracy on ``forget`` is at most ``target``."""
+    """Stop once accuracy on ``forget`` is at most ``target``.
+
+    ``repair=True`` is the rule for a method that forgets by one change (re-initialised or transposed
+    weights) and then repairs on D_r, so that forget accuracy rises as the run goes on: run every step and
+    keep the most-repaired state whose forget accuracy is still at most ``target`` (:func:`run_epochs`)."""
 
     forget: object
     target: float
     last: Optional[float] = None  # the accuracy last measured
+    repair: bool = False
 
     def reached(self, model: nn.Module) -> bool:
         self.last = accuracy(model, self.forget)
@@ -167,16 +172,18 @@ def stop_rule(model: nn.Module, forget, target: Union[None, float, str], test_lo
 STOP_HPARAMS = {"stop_forget_acc": None, "stop_every_step": False}
 
 
-def forget_stop(method: str, model: nn.Module, forget, hp: dict) -> Optional[ForgetAccuracyStop]:
+def forget_stop(method: str, model: nn.Module, forget, hp: dict, *, repair: bool = False
+                ) -> Optional[ForgetAccuracyStop]:
     """The :func:`stop_rule` a method's :data:`STOP_HPARAMS` ask for (a bad value: ``ValueError`` naming the
-    method)."""
+    method); ``repair``: see :class:`ForgetAccuracyStop`."""
     target = hp["stop_forget_acc"]
     if isinstance(target, str) and "test_loader" not in hp:
         raise ValueError(f"{method}: stop_forget_acc must be None or an accuracy in [0, 1], got {target!r}")
     try:
-        return stop_rule(model, forget, target, hp.get("test_loader"))
+        stop = stop_rule(model, forget, target, hp.get("test_loader"))
     except ValueError as e:
         raise ValueError(f"{method}: {e}") from None
+    return None if stop is None else dataclasses.replace(stop, repair=repair)
 
 
 def run_epochs(model: nn.Module, loader, opt: torch.optim.Optimizer, epochs: int,
@@ -189,21 +196,34 @@ def run_epochs(model: nn.Module, loader, opt: torch.optim.Optimizer, epochs: int
     every epoch, after ``on_epoch(epoch)`` (0-based; per-epoch LR schedules, fresh iterators) has run.
     With ``stop``, the rule is checked before every epoch (``stop_every_step=True``: before every step —
     finer, at the cost of one evaluation pass over the forget set per step) and once at the end, so a model
-    already at the target is left untouched. A non-finite objective (gradient ascent run too far) ends the
-    run before that step, with ``diverged=True``. Returns ``{"epochs" (completed), "steps",
-    "stopped_early", "diverged"[, "forget_acc", "target_forget_acc"]}``."""
+    already at the target is left untouched. With a ``repair`` rule every epoch runs and the model ends at the
+    last checked state whose forget accuracy was at most the target (``steps`` counts the steps up to it,
+    ``steps_run`` all of them); if no check met it, at the end. A non-finite objective (gradient ascent run
+    too far) ends the run before that step, with ``diverged=True``. Returns ``{"epochs" (completed),
+    "steps", "stopped_early", "diverged"[, "forget_acc", "target_forget_acc"]}``."""
     device = device_of(model)
     steps = done = 0
     stopped = diverged = False
+    kept = None  # repair: (state, steps, epochs, forget accuracy) of the last state within the target
+
+    def reached() -> bool:
+        nonlocal kept
+        if not stop.reached(model):
+            return False
+        if not stop.repair:
+            return True
+        kept = ({k: v.detach().clone() for k, v in model.state_dict().items()}, steps, done, stop.last)
+        return False
+
     for epoch in range(int(epochs)):
-        if stop is not None and stop.reached(model):
+        if stop is not None and reached():
             stopped = True
             break
         if on_epoch is not None:
             on_epoch(epoch)
         model.train(train_mode)
         for i, (x, y, ids) in enumerate(batches(loader, device)):
-            if stop_every_step and stop is not None and i > 0 and stop.reached(model):
+            if stop_every_step and stop is not None and i > 0 and reached():
                 stopped = True  # (i == 0 was checked just above, before the epoch)
                 break
             loss = objective(model, x, y, ids)
@@ -220,7 +240,11 @@ def run_epochs(model: nn.Module, loader, opt: torch.optim.Optimizer, epochs: int
     stats = {"epochs": done, "steps": steps, "stopped_early": stopped, "diverged": diverged}
     if stop is not None:
         if not stopped or diverged:
-            stop.reached(model)
+            reached()
+        if stop.repair and kept is not None:
+            state, kept_steps, kept_epochs, stop.last = kept
+            model.load_state_dict(state)
+            stats.update(steps=kept_steps, epochs=kept_epochs, steps_run=steps, stopped_early=kept_steps < steps)
         stats.update(forget_acc=stop.last, target_forget_acc=stop.target)
     return stats
 
@@ -250,11 +274,18 @@ def gradient_masks(params: Sequence[Tensor], masks: Sequence[Tensor]):
 
 
 def finetune(model: nn.Module, data, train_config: Optional[TrainConfig], epochs: int,
-             lr: Optional[float] = None) -> dict:
+             lr: Optional[float] = None, stop: Optional[ForgetAccuracyStop] = None,
+             stop_every_step: bool = False) -> dict:
     """``epochs`` epochs of the training recipe (``train_config``'s optimizer, default Adam) on ``data``,
-    at learning rate ``lr`` (default: the recipe's). Returns ``{"finetune_epochs", "finetune_steps"}``."""
+    at learning rate ``lr`` (default: the recipe's), stopping as ``stop`` asks (:func:`run_epochs`); the model
+    is left in eval mode, as :func:`~unlearn_ext.train.train` leaves it. Returns ``{"finetune_epochs",
+    "finetune_steps"}`` (completed epochs, steps taken) and, with ``stop``, :func:`run_epochs`' stopping
+    stats."""
     epochs = hparams.integer("finetune", "epochs", epochs)
     extra = {} if lr is None else {"lr": hparams.real("finetune", "lr", lr, hparams.NONNEGATIVE)}
     cfg = dataclasses.replace(train_config or TrainConfig(), epochs=epochs, **extra)
-    train(model, data, cfg)
-    return {"finetune_epochs": cfg.epochs, "finetune_steps": cfg.epochs * len(data)}
+    stats = run_epochs(model, data, make_optimizer(model.parameters(), cfg), cfg.epochs, cross_entropy, stop,
+                       stop_every_step=stop_every_step)
+    model.eval()
+    out = {"finetune_epochs": stats.pop("epochs"), "finetune_steps": stats.pop("steps")}
+    return {**out, **stats} if stop is not None else out

@@ -7,7 +7,8 @@
   the global RNG state restored afterwards. The model is changed in place, like every method's. Batches
   are those of the ``retain`` loader (``train_config.batch_size`` does not re-batch it).
 * ``finetune`` (FT) — ``epochs`` (2) further epochs of the recipe's optimizer on D_r at ``lr`` (1e-3; the
-  experiment runner passes each model's learning rate).
+  experiment runner passes each model's learning rate); it can stop at a forget accuracy
+  (``stop_forget_acc``), which the evaluation protocol's calibration uses.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from ..train import TrainConfig, train
 from .base import Method, register_method
-from .common import device_of, finetune
+from .common import STOP_HPARAMS, device_of, finetune, forget_stop
 
 
 @register_method
@@ -45,11 +46,15 @@ class Retrain(Method):
 @register_method
 class Finetune(Method):
     """FT: fine-tune on D_r. Hyper-parameters: ``epochs`` (2), ``lr`` (1e-3), ``train_config`` (the
-    optimizer recipe; None → ``TrainConfig()``, Adam)."""
+    optimizer recipe; None → ``TrainConfig()``, Adam). Strength knob (epochs, lr): ``stop_forget_acc`` /
+    ``stop_every_step`` (:data:`.common.STOP_HPARAMS`, default off) stop once forget accuracy has fallen to a
+    target; ``steps`` is then the steps taken."""
 
     name = "finetune"
     needs_retain = True
-    defaults = {"epochs": 2, "lr": 1e-3, "train_config": None}
+    defaults = {"epochs": 2, "lr": 1e-3, "train_config": None, **STOP_HPARAMS}
 
     def _run(self, model, forget, retain, store, hp):
-        return finetune(model, retain, hp["train_config"], hp["epochs"], hp["lr"])
+        stats = finetune(model, retain, hp["train_config"], hp["epochs"], hp["lr"],
+                         forget_stop(self.name, model, forget, hp), hp["stop_every_step"])
+        return {**stats, "steps": stats["finetune_steps"]}

@@ -2,7 +2,11 @@
 them (github.com/xcadet/deepunlearn): MSG, its "kgltop2" (``munl/unlearning/kgltop2.py``), and CT, its
 "kgltop5" (``munl/unlearning/kgltop5.py``). Defaults are that code's ``ORIGINAL_*`` values; batch sizes are
 those of the loaders passed (Deep Unlearn: 64). Both report themselves unsupported
-(``Method.unsupported``) on a model without ``nn.Conv2d`` layers.
+(``Method.unsupported``) on a model without ``nn.Conv2d`` layers. Both forget by a kernel change and repair
+by fine-tuning on D_r; their strength knob is that repair: with ``stop_forget_acc`` / ``stop_every_step``
+(:data:`.common.STOP_HPARAMS`, default off — the original behaviour) the repair runs in full and the model
+ends at its most-repaired state whose forget accuracy is still at most the target
+(``ForgetAccuracyStop.repair``; ``steps`` up to that state, ``steps_run`` all).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from ... import ops
 from ...optim import PartialSGD
 from ..base import Method, register_method
-from ..common import cross_entropy, dataset_of, make_sgd, run_epochs, set_lr
+from ..common import STOP_HPARAMS, cross_entropy, dataset_of, forget_stop, make_sgd, run_epochs, set_lr
 from ..gradients import summed_batch_grads
 from ..hparams import AT_LEAST_ONE, NONNEGATIVE, RATIO
 from ..schedules import cosine, triangular
@@ -87,10 +91,11 @@ class MaskedSmallGradients(_ConvMethod):
     name = "msg"
     needs_retain = True
     defaults = {"epochs": 5, "lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4, "init_rate": 0.3,
-                "off_scale": 0.1, "grad_batch_size": 64, "seed": 0}
+                "off_scale": 0.1, "grad_batch_size": 64, "seed": 0, **STOP_HPARAMS}
     ranges = {"init_rate": RATIO, "off_scale": NONNEGATIVE, "grad_batch_size": AT_LEAST_ONE}
 
     def _run(self, model, forget, retain, store, hp):
+        stop = forget_stop(self.name, model, forget, hp, repair=True)
         convs = conv2d_layers(model)
         gen = torch.Generator().manual_seed(hp["seed"])
         retain_set = dataset_of(self.name, "retain", retain)
@@ -112,7 +117,8 @@ class MaskedSmallGradients(_ConvMethod):
         opt = PartialSGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"],
                          masks=masks, off_scale=hp["off_scale"])
         lr_at = triangular(hp["lr"], hp["epochs"])
-        stats = run_epochs(model, retain, opt, hp["epochs"], cross_entropy, on_epoch=lambda e: set_lr(opt, lr_at(e)))
+        stats = run_epochs(model, retain, opt, hp["epochs"], cross_entropy, stop, stop_every_step=hp["stop_every_step"],
+                           on_epoch=lambda e: set_lr(opt, lr_at(e)))
         return {**stats, "reinitialised": [int(m.sum()) for m in conv_masks]}
 
 
@@ -124,12 +130,14 @@ class ConvTranspose(_ConvMethod):
 
     name = "ct"
     needs_retain = True
-    defaults = {"epochs": 3, "lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}
+    defaults = {"epochs": 3, "lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4, **STOP_HPARAMS}
 
     def _run(self, model, forget, retain, store, hp):
+        stop = forget_stop(self.name, model, forget, hp, repair=True)
         convs = conv2d_layers(model)
         transpose_conv_kernels_([c.weight for c in convs])
         opt = make_sgd(model.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
         lr_at = cosine(hp["lr"], hp["epochs"])
-        stats = run_epochs(model, retain, opt, hp["epochs"], cross_entropy, on_epoch=lambda e: set_lr(opt, lr_at(e)))
+        stats = run_epochs(model, retain, opt, hp["epochs"], cross_entropy, stop, stop_every_step=hp["stop_every_step"],
+                           on_epoch=lambda e: set_lr(opt, lr_at(e)))
         return {**stats, "transposed": len(convs)}

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..base import Method, register_method
-from ..common import run_epochs, set_lr, squared_distance
+from ..common import STOP_HPARAMS, forget_stop, run_epochs, set_lr, squared_distance
 from ..hparams import AT_LEAST_ONE, NONNEGATIVE
 from ..schedules import step_decay
 
@@ -103,14 +103,18 @@ class _LastBlocks(Method):
     trained parameters (θ₀ = their values when fine-tuning starts, c = ``l2_to_init``, 0.1) and the LR
     ×``lr_decay_rate`` (0.1) after epochs ⌊.5E⌋, ⌊.8E⌋, ⌊.9E⌋. The whole model is in eval mode throughout,
     as in the original (BatchNorm statistics never move, dropout is off). ``requires_grad`` flags are
-    restored afterwards."""
+    restored afterwards. Strength knob (epochs, lr): ``stop_forget_acc`` / ``stop_every_step``
+    (:data:`..common.STOP_HPARAMS`, default off) end CF-k's fine-tune once forget accuracy is at most a
+    target; EU-k, whose re-initialisation forgets and whose fine-tune repairs, keeps the most-repaired state
+    still within the target (``ForgetAccuracyStop.repair``)."""
 
     needs_retain = True
     reinitialise = False
-    defaults = {"k": 1, "epochs": 10, "lr": 0.01, "lr_decay_rate": 0.1, "l2_to_init": 0.1}
+    defaults = {"k": 1, "epochs": 10, "lr": 0.01, "lr_decay_rate": 0.1, "l2_to_init": 0.1, **STOP_HPARAMS}
     ranges = {"k": AT_LEAST_ONE, "lr_decay_rate": NONNEGATIVE, "l2_to_init": NONNEGATIVE}
 
     def _run(self, model, forget, retain, store, hp):
+        stop = forget_stop(self.name, model, forget, hp, repair=self.reinitialise)
         all_blocks = blocks(model)
         k = hp["k"]
         if not all_blocks:
@@ -136,8 +140,8 @@ class _LastBlocks(Method):
 
             def objective(m, x, y, ids):
                 return nn.functional.cross_entropy(m(x), y) + c / 2 * squared_distance(params, start)
-            stats = run_epochs(model, retain, opt, hp["epochs"], objective, on_epoch=lambda e: set_lr(opt, lr_at(e)),
-                               train_mode=False)
+            stats = run_epochs(model, retain, opt, hp["epochs"], objective, stop, stop_every_step=hp["stop_every_step"],
+                               on_epoch=lambda e: set_lr(opt, lr_at(e)), train_mode=False)
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
