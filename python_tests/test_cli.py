@@ -89,6 +89,16 @@ def test_ctrl_c_prints_one_line_and_writes_nothing(capsys, monkeypatch, tmp_path
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_a_kept_store_of_an_earlier_run_is_refused_before_training(capsys, tmp_path):
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    (stores / "amnesiac-dense-seed0.ulx").write_bytes(b"an earlier run's records")
+    _refused(capsys, ["run", "--dataset", "digits", "--model", "mlp", "--methods", "amnesiac", "--epochs", "1",
+                      "--store-dir", str(stores), "--out", str(tmp_path / "out"), "--no-progress"],
+             "store_dir:", "amnesiac-dense-seed0.ulx already exists")
+    assert (stores / "amnesiac-dense-seed0.ulx").read_bytes() == b"an earlier run's records"
+
+
 def test_results_record_the_sizes_used_and_say_why(tmp_path, capsys):
     assert cli.main(SMALL + ["--forget-ratio", "0.05", "--out", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "results.json").read_text())

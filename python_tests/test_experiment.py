@@ -1,5 +1,6 @@
 """The main job end to end on real data (scikit-learn's digits), through the command line."""
 import json
+import math
 
 import pytest
 import torch
@@ -115,3 +116,21 @@ def test_disk_stores_are_kept_or_removed(tmp_path, keep):
     files = sorted(p.name for p in stores.glob("*.ulx")) if stores.exists() else []
     assert files == (["amnesiac-dense-seed3.ulx", "partial_amnesiac-r0.1-seed3.ulx"] if keep else [])
     assert stores.exists() == keep
+
+
+def test_a_store_left_in_store_dir_is_never_appended_to(tmp_path):
+    """A store file of an earlier (killed) run at a path this run would record to: kept stores refuse before
+    training; temporary ones (the demo's) are replaced, with a warning, so the records are this run's only."""
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    old = stores / "amnesiac-dense-seed3.ulx"
+    cfg = dict(methods=["amnesiac"], epochs=1, store_dir=str(stores))
+    run_experiment(_config(**cfg), progress=False)  # leaves the kept store there
+    size = old.stat().st_size
+    with pytest.raises(FileExistsError, match="store_dir: .*amnesiac-dense-seed3.ulx already exists"):
+        run_experiment(_config(**cfg), progress=False)
+    assert old.stat().st_size == size  # untouched
+    with pytest.warns(RuntimeWarning, match="removing .*amnesiac-dense-seed3.ulx"):
+        result = run_experiment(_config(keep_stores=False, **cfg), progress=False)
+    stats = result["rows"]["amnesiac"]["stats"]
+    assert stats["steps_total"] == math.ceil(result["sizes"]["train"] / 64)  # one epoch: this run's steps only

@@ -228,6 +228,8 @@ def main(argv=None) -> int:
         command.error(str(e))
     try:
         return _experiments(todo, out, progress=not args.no_progress)
+    except FileExistsError as e:  # a kept store of an earlier run at a path this run records to (before training)
+        command.error(str(e))
     except KeyboardInterrupt:
         print(f"unlearn-ext {args.command}: interrupted; no results written for the seed that was running",
               file=sys.stderr)

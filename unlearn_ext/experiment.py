@@ -21,6 +21,7 @@ import numbers
 import os
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -247,6 +248,12 @@ class Experiment:
         os.makedirs(self.cfg.store_dir, exist_ok=True)
         tag = "dense" if ratio is None else f"r{ratio:g}"
         path = os.path.join(self.cfg.store_dir, f"{method}-{tag}-seed{self.cfg.seed}.ulx")
+        if os.path.exists(path):  # DiskStore(path) would reopen it and append this run's steps to another's
+            if self.cfg.keep_stores:
+                raise FileExistsError(f"store_dir: {path} already exists (a store of an earlier run); a new "
+                                      "recording is never appended to it: remove it or choose another store_dir")
+            warnings.warn(f"removing {path}: a temporary store an interrupted run left behind", RuntimeWarning)
+            os.remove(path)
         self._store_paths.append(path)
         return DiskStore(path)
 
