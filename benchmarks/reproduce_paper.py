@@ -95,7 +95,10 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--no-calibrate", action="store_true")
-    p.add_argument("--store-dir", default=None, help="DiskStores here instead of memory (large models)")
+    p.add_argument("--store-dir", default=None,
+                   help="DiskStores here instead of memory (large models); removed after each seed")
+    p.add_argument("--value-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="of the recorded updates")
     p.add_argument("--root", default=None)
     p.add_argument("--out", default="benchmarks/results/paper_tables.md")
     args = p.parse_args(argv)
@@ -110,7 +113,8 @@ def main(argv=None) -> int:
            f"{args.batch_size}, Adam at the model's rate; {forget}; training split "
            f"{'whole' if not args.train_size else f'subsampled to {args.train_size}'}, test split "
            f"{'whole' if not args.test_size else f'subsampled to {args.test_size}'} and halved into validation and "
-           f"reported test; keep ratio(s) {ratios}; mean ± std over seeds {seeds}. Every method at its own defaults; "
+           f"reported test; updates recorded in {args.value_dtype}; keep ratio(s) {ratios}; mean ± std over seeds "
+           f"{seeds}. Every method at its own defaults; "
            + ("no calibration." if args.no_calibrate else
               "methods with a stopping knob run to the forgetting target (FA ≤ the original's validation accuracy; "
               "chance for a class) within 250 steps per learning rate of the grid ×1, ×3, ×10, ×30, on validation "
@@ -129,7 +133,8 @@ def main(argv=None) -> int:
                                            forget_ratio=args.forget_ratio, forget_class=args.forget_class,
                                            train_size=args.train_size or None, test_size=args.test_size or None,
                                            keep_ratios=ratios, epochs=args.epochs, batch_size=args.batch_size,
-                                           calibrate=not args.no_calibrate, store_dir=args.store_dir, seed=seed)
+                                           calibrate=not args.no_calibrate, store_dir=args.store_dir,
+                                           keep_stores=False, value_dtype=args.value_dtype, seed=seed)
                     runs.append(run_experiment(cfg, progress=False))
                     print(f"done {ds}/{model}/seed {seed}", file=sys.stderr, flush=True)
             except (FileNotFoundError, ValueError) as e:
