@@ -103,15 +103,17 @@ def _regime_statement(model: str, points: dict, ratios) -> str:
 
 def _plot(all_points: dict, path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(all_points)
     fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
+    names = sorted({n for pts in all_points.values() for by_name in pts.values() for n in by_name},
+                   key=lambda n: (not n.startswith("retrain"), not n.startswith("amnesiac"), n))
+    colour = {n: f"C{i}" for i, n in enumerate(names)}  # one colour per method in every panel
     for j, model in enumerate(models):
-        names = sorted({n for by_name in all_points[model].values() for n in by_name}, key=lambda n: (
-            not n.startswith("retrain"), not n.startswith("amnesiac"), n))
         for name in names:
             xs, ta, mia, ta_err, mia_err = [], [], [], [], []
             for size, by_name in sorted(all_points[model].items()):
@@ -123,7 +125,7 @@ def _plot(all_points: dict, path: str) -> None:
                 mia.append(statistics.fmean(p["dMIA"] for p in ps))
                 ta_err.append(statistics.stdev(p["TA"] for p in ps) if len(ps) > 1 else 0)
                 mia_err.append(statistics.stdev(p["dMIA"] for p in ps) if len(ps) > 1 else 0)
-            style = dict(marker="o", capsize=2, lw=1.2, ls="--" if name == "retrain" else "-")
+            style = dict(marker="o", capsize=2, lw=1.2, ls="--" if name == "retrain" else "-", color=colour[name])
             axes[0][j].errorbar(xs, ta, yerr=ta_err, label=name, **style)
             if name != "retrain":
                 axes[1][j].errorbar(xs, mia, yerr=mia_err, label=name, **style)
@@ -134,6 +136,9 @@ def _plot(all_points: dict, path: str) -> None:
         axes[1][j].axhline(0, color="grey", lw=0.8)
         for ax in (axes[0][j], axes[1][j]):
             ax.set_xscale("log")
+            ax.set_xticks([1, 2, 5, 10, 20, 50, 100])
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("training steps undone (%)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
