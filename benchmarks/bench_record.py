@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from unlearn_ext.models import make_model, recommended_lr
 from unlearn_ext.record import DiskStore, MemoryStore, UpdateRecorder
 from unlearn_ext.results import write_text
 
-MODELS = {"mlp": (1, 28, 28), "resnet18": (3, 32, 32)}
+MODELS = {"mlp": (1, 28, 28), "lenet": (1, 28, 28), "resnet18": (3, 32, 32)}  # model: input shape
 OVERHEAD_CONFIGS = {  # name: (keep_ratio, value dtype, store kind)
     "dense fp32, memory": (None, torch.float32, "memory"),
     "dense fp32, disk": (None, torch.float32, "disk"),
@@ -158,6 +158,14 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.1f}%"
 
 
+def _run_spec(ap: argparse.ArgumentParser, text: str) -> Tuple[str, int]:
+    """``model:batch`` checked before any measuring (a bad one is an argparse error, exit 2)."""
+    name, _, batch = text.partition(":")
+    if name not in MODELS or not batch.isdigit() or int(batch) < 1:
+        ap.error(f"--runs: {text!r} is not model:batch with model one of {sorted(MODELS)} and batch >= 1")
+    return name, int(batch)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default="mlp:32,mlp:128,resnet18:32", help="model:batch, comma-separated")
@@ -170,7 +178,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
-    runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
+    runs = [_run_spec(ap, r) for r in args.runs.split(",")]
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     overhead, storage = {}, {}
