@@ -16,6 +16,37 @@ std::vector<int64_t> sizes_of(const std::vector<Source>& sources) {
   return n;
 }
 
+// The need-th most preferred (largest) of `keys`, all within [base, base + width]; `need` becomes how many
+// of the keys equal to it are taken. A radix select on key - base, 11 bits at a time from the width's
+// highest bit down, each pass keeping only the keys of the chosen digit (the first pass sees them all,
+// the next ones few).
+uint32_t nth_preferred(std::vector<uint32_t>& keys, uint32_t base, uint32_t width, int64_t& need) {
+  constexpr int kDigitBits = 11;
+  static_assert(kMaxRadixBins == 1 << kDigitBits, "one digit per histogram bin");
+  const int top = width == 0 ? 0 : 32 - __builtin_clz(width);
+  int shift = std::max(top - kDigitBits, 0);
+  uint32_t rel = 0;
+  size_t m = keys.size();
+  for (;;) {
+    // Keys left share every bit of key - base above this digit; the digit may overlap bits fixed
+    // already (when shift < kDigitBits), which all keys left share too.
+    const auto digit = [&](uint32_t k) { return ((k - base) >> shift) & (kMaxRadixBins - 1); };
+    uint32_t hist[kMaxRadixBins] = {};
+    for (size_t q = 0; q < m; ++q) ++hist[digit(keys[q])];
+    int64_t above = 0;
+    const auto d = static_cast<uint32_t>(radix_find_digit(hist, kMaxRadixBins, need, above));
+    rel |= d << shift;
+    if (shift == 0) return base + rel;
+    size_t c = 0;
+    for (size_t q = 0; q < m; ++q) {
+      keys[c] = keys[q];
+      c += digit(keys[q]) == d;
+    }
+    m = c;
+    shift = std::max(shift - kDigitBits, 0);
+  }
+}
+
 }  // namespace
 
 LayerSelection::LayerSelection(std::vector<Source> sources, double ratio, bool largest)
@@ -150,22 +181,23 @@ void LayerSelection::histogram_item(int64_t j) {
 void LayerSelection::bracket_item(int64_t j) {
   const Item& it = plan_.items[j];
   const Layer& lay = layers_[it.layer];
+  ItemState& st = items_[j];
   visit_ranked_value(sources_[it.layer], [&](const auto& val) {
-    const uint32_t lo = lay.lo, hi = lay.hi;
+    const uint32_t lo = lay.lo, hi = lay.hi, width = hi - lo;
+    const auto above = [&](uint32_t r) { return r > hi; };
+    const auto inside = [&](uint32_t r) { return r - lo <= width; };  // unsigned: keys below lo wrap around
     uint32_t* cand = item_scratch();
     int64_t strict = 0, c = 0;
-    bool bad = false;
-    for (int64_t i = it.begin; i < it.end; ++i) {
-      const uint32_t a = abs_key(val(i));
-      bad |= a >= kNonFiniteKey;
-      const uint32_t rk = rank_key(a, largest_);
-      strict += rk > hi;
-      cand[c] = rk;
-      c += (rk >= lo) & (rk <= hi);
-    }
-    items_[j].nonfinite |= bad;
-    items_[j].strict = strict;
-    items_[j].cand.assign(cand, cand + c);
+    const uint32_t worst =
+        for_each_tile(val, it.begin, it.end - it.begin, largest_, [&](const uint32_t* rk, int64_t, int64_t m) {
+          int64_t s = 0;
+          for (int64_t q = 0; q < m; ++q) s += above(rk[q]);
+          strict += s;
+          for_each_match(rk, m, inside, [&](int64_t q) { cand[c++] = rk[q]; });
+        });
+    st.nonfinite |= worst >= kNonFiniteKey;
+    st.strict = strict;
+    st.cand.assign(cand, cand + c);
   });
 }
 
@@ -187,8 +219,7 @@ void LayerSelection::radix_for_missed_brackets() {
     }
     lay.mode = kRadix;
     for (int64_t j = plan_.first_item[l]; j < plan_.first_item[l + 1]; ++j) {
-      items_[j].strict = 0;
-      std::vector<uint32_t>().swap(items_[j].cand);
+      items_[j] = ItemState{};
       redo.push_back(j);
     }
   }
@@ -231,13 +262,12 @@ void LayerSelection::collect_digit_item(int64_t j) {
     const uint32_t prefix = lay.th.threshold, mask = radix_prefix_mask(1);
     uint32_t* cand = item_scratch();
     int64_t strict = 0, c = 0;
-    for (int64_t i = it.begin; i < it.end; ++i) {
-      const uint32_t rk = rank_key(abs_key(val(i)), largest_);
-      const uint32_t top = rk & mask;
-      strict += top > prefix;
-      cand[c] = rk;
-      c += top == prefix;
-    }
+    for_each_tile(val, it.begin, it.end - it.begin, largest_, [&](const uint32_t* rk, int64_t, int64_t m) {
+      int64_t s = 0;
+      for (int64_t q = 0; q < m; ++q) s += (rk[q] & mask) > prefix;
+      strict += s;
+      for_each_match(rk, m, [&](uint32_t r) { return (r & mask) == prefix; }, [&](int64_t q) { cand[c++] = rk[q]; });
+    });
     items_[j].strict = strict;
     items_[j].cand.assign(cand, cand + c);
   });
@@ -249,31 +279,26 @@ void LayerSelection::resolve_thresholds() {
   parallel_dynamic(static_cast<int64_t>(layers_.size()), plan_.total, [&](int64_t l) { resolve_layer(l); });
 }
 
-// Radix layers resolve their last two digits, bracket layers all three, on the collected keys only.
+// Bracket layers resolve their threshold among the keys inside the bracket, radix layers among the keys
+// in the threshold's leading digit.
 void LayerSelection::resolve_layer(int64_t l) {
   Layer& lay = layers_[l];
   if (lay.mode == kAll) return;
   const int64_t j0 = plan_.first_item[l], j1 = plan_.first_item[l + 1];
-  uint32_t prefix = lay.th.threshold;
+  std::vector<uint32_t> keys;
+  for (int64_t j = j0; j < j1; ++j) keys.insert(keys.end(), items_[j].cand.begin(), items_[j].cand.end());
   int64_t need = lay.th.take_equal;
-  for (int pass = lay.mode == kBracket ? 0 : 1; pass < kRadixPasses; ++pass) {
-    uint32_t hist[kMaxRadixBins] = {};
-    for (int64_t j = j0; j < j1; ++j) {
-      for (uint32_t rk : items_[j].cand) {
-        if (radix_is_candidate(rk, pass, prefix)) ++hist[radix_digit(rk, pass)];
-      }
-    }
-    int64_t above = 0;
-    const int d = radix_find_digit(hist, radix_bins(pass), need, above);
-    prefix |= static_cast<uint32_t>(d) << radix_shift(pass);
-  }
-  lay.th = LayerThreshold{prefix, need};
+  const bool bracket = lay.mode == kBracket;
+  const uint32_t base = bracket ? lay.lo : lay.th.threshold;
+  const uint32_t width = bracket ? lay.hi - lay.lo : kKeyMask & ~radix_prefix_mask(1);
+  const uint32_t th = nth_preferred(keys, base, width, need);
+  lay.th = LayerThreshold{th, need};
   int64_t eq_before = 0, kept = 0;
   for (int64_t j = j0; j < j1; ++j) {
     ItemState& st = items_[j];
     for (uint32_t rk : st.cand) {
-      st.strict += rk > prefix;
-      st.eq += rk == prefix;
+      st.strict += rk > th;
+      st.eq += rk == th;
     }
     std::vector<uint32_t>().swap(st.cand);
     st.take = chunk_take_equal(need, eq_before, st.eq);

@@ -7,9 +7,10 @@
 // blocks), then one full pass counts the entries above the bracket and collects the keys inside it (a few
 // % of the layer); the exact threshold is resolved on those keys alone, so each value is read twice in
 // all (this pass and the output pass). A bracket that misses (possible, not likely) and small layers use a
-// 3-digit radix select instead: a histogram of the leading 11-bit digit, one scan collecting the keys in
-// the threshold digit, the last two digits resolved on those keys. What is left per item (how many
-// threshold-equal entries it takes) lets every item be written independently.
+// radix select instead: a histogram of the leading 11-bit digit, one scan collecting the keys in the
+// threshold digit, the rest of the threshold resolved on those keys. The full passes work on tiles of
+// rank keys (key_blocks.h). What is left per item (how many threshold-equal entries it takes) lets every
+// item be written independently.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/key_blocks.h"
 #include "cpu/multi_tensor.h"
 #include "select.h"
 
@@ -28,6 +30,7 @@ namespace cpu {
 // The value whose |.| is ranked: x, or x - s rounded to T first (as torch's `x - s` does), then widened.
 template <typename T, bool kSubtract = false>
 struct RankedValue {
+  using value_type = T;
   const T* x;
   const T* s;
   float operator()(int64_t i) const {
@@ -108,6 +111,35 @@ class LayerSelection {
     }
   }
 
+  // f(i) for each selected element i of item j, in index order: the same selection as scan(), walked
+  // block by block (key_blocks.h) unless the item needs the ordered tie walk.
+  template <class Value, class F>
+  void scan_kept(int64_t j, const Value& val, const F& f) const {
+    const Item& it = plan_.items[j];
+    const Layer& lay = layers_[it.layer];
+    const ItemState& st = items_[j];
+    if (lay.mode == kAll) {
+      for (int64_t i = it.begin; i < it.end; ++i) f(i);
+      return;
+    }
+    const uint32_t th = lay.th.threshold;
+    int64_t take = st.take;
+    if (take > 0 && take < st.eq) {
+      scan(j, val, [&](int64_t i, float, bool keep) {
+        if (keep) f(i);
+      });
+      return;
+    }
+    for_each_tile(val, it.begin, it.end - it.begin, largest_, [&](const uint32_t* rk, int64_t t, int64_t m) {
+      const auto at = [&](int64_t q) { f(it.begin + t + q); };
+      if (take > 0) {  // it takes all its threshold-equal entries
+        for_each_match(rk, m, [&](uint32_t r) { return r >= th; }, at);
+      } else {
+        for_each_match(rk, m, [&](uint32_t r) { return r > th; }, at);
+      }
+    });
+  }
+
  private:
   enum Mode : uint8_t { kAll, kRadix, kBracket };
   struct Layer {
@@ -121,7 +153,7 @@ class LayerSelection {
   struct ItemState {
     int64_t strict = 0, eq = 0, take = 0;
     bool nonfinite = false;
-    std::vector<uint32_t> cand;
+    std::vector<uint32_t> cand;  // rank keys collected by the bracket or digit pass
   };
 
   // The steps of compute(), in order.
@@ -134,11 +166,11 @@ class LayerSelection {
 
   // Their work on one layer l or one item j.
   void sample_bracket(int64_t l);
-  void finite_item(int64_t j);
-  void histogram_item(int64_t j);
-  void bracket_item(int64_t j);
-  void collect_digit_item(int64_t j);
-  void resolve_layer(int64_t l);
+  UE_CPU_CLONES void finite_item(int64_t j);
+  UE_CPU_CLONES void histogram_item(int64_t j);
+  UE_CPU_CLONES void bracket_item(int64_t j);
+  UE_CPU_CLONES void collect_digit_item(int64_t j);
+  UE_CPU_CLONES void resolve_layer(int64_t l);
 
   std::vector<Source> sources_;
   bool largest_;

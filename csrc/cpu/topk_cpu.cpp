@@ -2,6 +2,8 @@
 // radix_select.h and its ordered walk, which writes values/indices or masks.
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "checks.h"
 #include "cpu/radix_select.h"
 
@@ -24,6 +26,26 @@ LayerSelection computed_selection(const TopkArgs& a, double ratio, bool largest,
   sel.compute();
   sel.check_finite(op, a.subtract.empty() ? "xs" : "xs - subtract");
   return sel;
+}
+
+// Item j's selected entries, from position pos of the output: index and value (the source's dtype).
+UE_CPU_CLONES void write_kept(const LayerSelection& sel, int64_t j, int64_t pos, int32_t* idx, void* out) {
+  visit_ranked_value(sel.source(sel.plan().items[j].layer), [&](const auto& val) {
+    using T = typename std::decay_t<decltype(val)>::value_type;
+    T* o = static_cast<T*>(out);
+    sel.scan_kept(j, val, [&](int64_t i) {
+      idx[pos] = static_cast<int32_t>(i);
+      o[pos] = static_cast<T>(val(i));
+      ++pos;
+    });
+  });
+}
+
+// Item j's part of its layer's mask.
+UE_CPU_CLONES void write_mask(const LayerSelection& sel, int64_t j, bool* m) {
+  visit_ranked_value(sel.source(sel.plan().items[j].layer), [&](const auto& val) {
+    sel.scan(j, val, [&](int64_t i, float, bool keep) { m[i] = keep; });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layerwise_topk_cpu(at::TensorList xs_in, double ratio, bool largest,
@@ -50,24 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layerwise_topk_cpu(at::TensorList
   at::Tensor values = at::empty({off[L]}, at::TensorOptions(dtype));
   at::Tensor indices = at::empty({off[L]}, at::kInt);
   int32_t* idx = indices.data_ptr<int32_t>();
-  dispatch_value_type(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    T* out = values.data_ptr<T>();
-    parallel_dynamic(plan.size(), plan.total, [&](int64_t j) {
-      visit_ranked_value(sel.source(plan.items[j].layer), [&](const auto& val) {
-        auto* kept = reinterpret_cast<int32_t*>(item_scratch());
-        int64_t c = 0;
-        sel.scan(j, val, [&](int64_t i, float, bool keep) {
-          kept[c] = static_cast<int32_t>(i);
-          c += keep;
-        });
-        for (int64_t q = 0, pos = base[j]; q < c; ++q, ++pos) {
-          idx[pos] = kept[q];
-          out[pos] = static_cast<T>(val(kept[q]));
-        }
-      });
-    });
-  });
+  void* out = values.data_ptr();
+  parallel_dynamic(plan.size(), plan.total, [&](int64_t j) { write_kept(sel, j, base[j], idx, out); });
   return {values, indices, offsets};
 }
 
@@ -78,12 +84,8 @@ std::vector<at::Tensor> layerwise_topk_mask_cpu(at::TensorList xs_in, double rat
   masks.reserve(a.xs.size());
   for (const at::Tensor& x : a.xs) masks.push_back(at::empty(x.sizes(), x.options().dtype(at::kBool)));
   const ChunkPlan& plan = sel.plan();
-  parallel_dynamic(plan.size(), plan.total, [&](int64_t j) {
-    bool* m = masks[plan.items[j].layer].data_ptr<bool>();
-    visit_ranked_value(sel.source(plan.items[j].layer), [&](const auto& val) {
-      sel.scan(j, val, [&](int64_t i, float, bool keep) { m[i] = keep; });
-    });
-  });
+  parallel_dynamic(plan.size(), plan.total,
+                   [&](int64_t j) { write_mask(sel, j, masks[plan.items[j].layer].data_ptr<bool>()); });
   return masks;
 }
 
