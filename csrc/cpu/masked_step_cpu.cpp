@@ -47,8 +47,9 @@ void run_masked_step(const char* op, const StepArgs& a, double ratio, const Make
       if (sel) {
         sel->scan(j, grad, step);
       } else {
-        const bool* m = (*a.masks)[it.layer].const_data_ptr<bool>();
-        _Pragma("GCC ivdep") for (int64_t i = it.begin; i < it.end; ++i) step(i, grad(i), m[i]);
+        // Read as bytes and compared: GCC does not vectorise a loop that loads bool.
+        const auto* m = reinterpret_cast<const uint8_t*>((*a.masks)[it.layer].const_data_ptr<bool>());
+        for (int64_t i = it.begin; i < it.end; ++i) step(i, grad(i), m[i] != 0);
       }
     });
   });
