@@ -165,3 +165,42 @@ def test_a_disk_store_warns_before_it_outgrows_the_free_space(tmp_path, monkeypa
     assert len(DiskStore(tmp_path / "roomy.ulx")) == 3
     with pytest.raises(ValueError, match="expected_nbytes must be None or an integer >= 0"):
         DiskStore(tmp_path / "bad.ulx", expected_nbytes=-1)
+
+
+def test_free_space_is_rechecked_when_the_margin_or_time_runs_out(tmp_path, monkeypatch):
+    """A check that left a wide margin stands for SPACE_RECHECK_SECONDS (statvfs costs about as much as
+    encoding a small update); a narrow margin, or an older check, is checked again."""
+    model = _digits_mlp()
+    calls, now = [], [0.0]
+    usage = collections.namedtuple("usage", "total used free")
+    free = [10 ** 12]
+    monkeypatch.setattr(disk_store.shutil, "disk_usage", lambda path: calls.append(path) or usage(2 * free[0], free[0],
+                                                                                                  free[0]))
+    monkeypatch.setattr(disk_store.time, "monotonic", lambda: now[0])
+    rec = UpdateRecorder(model, 0.1, DiskStore(tmp_path / "s.ulx"))
+
+    def step():
+        with rec.step(torch.arange(BATCH)):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1e-3)
+
+    for _ in range(5):
+        step()
+    assert len(calls) == 1  # a wide margin, checked within the second
+    now[0] += disk_store.SPACE_RECHECK_SECONDS
+    step()
+    assert len(calls) == 2  # the check is too old
+    per_step = rec.store.nbytes() // len(rec.store)
+    free[0] = 150 * per_step  # room for 150 more records: no warning, but under twice the 100 needed
+    now[0] += disk_store.SPACE_RECHECK_SECONDS
+    step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step()
+        step()
+    assert len(calls) == 5  # a narrow margin is checked after every append
+    free[0] = 50 * per_step
+    with pytest.warns(RuntimeWarning, match="for 100 more records like the last"):
+        step()
+    rec.store.close()

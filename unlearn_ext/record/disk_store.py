@@ -17,7 +17,9 @@ The bytes are those of :mod:`.disk_format`. What the file promises:
 * It warns before it outgrows the disk: a ``RuntimeWarning`` (once per handle) when the free space of
   its file system is less than what it still needs — the rest of ``expected_nbytes`` (the size
   :func:`~unlearn_ext.record.planner.plan_storage` gives) or room for ``LOW_SPACE_RECORDS`` more
-  records like the last one, whichever is more; checked at creation and after every append.
+  records like the last one, whichever is more; checked at creation and after an append — skipped when
+  the last check, under ``SPACE_RECHECK_SECONDS`` ago, left room for twice that beyond what was appended
+  since (a ``statvfs`` costs about as much as encoding a small model's update).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import queue
 import shutil
 import sys
 import threading
+import time
 import warnings
 import weakref
 from typing import List, Optional, Tuple
@@ -48,6 +51,7 @@ from .store import RecordInfo, UpdateStore
 _APPENDING: "weakref.WeakValueDictionary[Tuple[int, int], DiskStore]" = weakref.WeakValueDictionary()
 _TEMP_IDS = itertools.count()
 LOW_SPACE_RECORDS = 100  # warn when the disk has room for fewer records than this (module docstring)
+SPACE_RECHECK_SECONDS = 1.0  # how long a free-space check with a wide margin stands (module docstring)
 
 
 def _close_at_exit(ref) -> None:
@@ -107,6 +111,7 @@ class DiskStore(UpdateStore):
         self.expected_nbytes = expected_nbytes
         self._size = 0  # of the file once every appended record is written (and the trailer)
         self._space_warned = False
+        self._space_checked: Optional[Tuple[float, int, int]] = None  # (monotonic time, free bytes, _size)
         self.path = os.fspath(path)
         self.max_pending = int(max_pending)
         self.strict = bool(strict)
@@ -262,7 +267,13 @@ class DiskStore(UpdateStore):
         need = max(planned, LOW_SPACE_RECORDS * last_record)
         if self._space_warned or need <= 0:
             return
+        if self._space_checked is not None:
+            when, free_then, size_then = self._space_checked
+            if (time.monotonic() - when < SPACE_RECHECK_SECONDS
+                    and free_then - (self._size - size_then) >= 2 * need):
+                return
         free = shutil.disk_usage(self._folder()).free
+        self._space_checked = (time.monotonic(), free, self._size)
         if free < need:
             self._space_warned = True
             what = (f"to reach its expected size of {self.expected_nbytes:,} bytes" if need == planned else
