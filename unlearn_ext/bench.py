@@ -149,10 +149,13 @@ def bench_model(name, shapes, device, ratios, reps, dtype=torch.float32):
 
     for ratio in ratios:
         k = sum(ops.keep_count(x.numel(), ratio) for x in xs)
-        t = measure({"ours": lambda: ops.layerwise_topk(xs, ratio), "base": lambda: topk_loop(xs, ratio)},
-                    device, reps)
+        copies = [torch.empty_like(x) for x in xs]
+        t = measure({"ours": lambda: ops.layerwise_topk(xs, ratio), "base": lambda: topk_loop(xs, ratio),
+                     "copy": lambda: torch._foreach_copy_(copies, xs)}, device, reps)
         ours, base = t["ours"], t["base"]
         row("layerwise_topk", ratio, ours, base, n * es + k * (es + 4), "per-layer torch.topk loop")
+        rows[-1]["vs_copy"] = ours / t["copy"]
+        del copies
 
         t = measure({"ours": lambda: ops.layerwise_topk(xs, ratio, subtract=before),
                      "base": lambda: topk_sub_loop(xs, before, ratio)}, device, reps)
@@ -273,11 +276,16 @@ def write_markdown(path, rows, facts, args, command):
               "processes on a shared machine hits both alike; absolute times on a shared VM are noisy, the "
               "ratios much less so. No GPU rows unless torch.cuda.is_available()."]
     lines += ["", "Speed-up = baseline median / ours median, both measured in this run (float32, random values "
-              "on the models' parameter shapes). `vs plain SGD` = our masked step / an unmasked "
-              "torch.optim.SGD(foreach) step with the same momentum and weight decay.", ""]
+              "on the models' parameter shapes). `vs copy` = our top-k / a copy of the same tensors into "
+              "preallocated ones (one read and one write of every value: the memory floor of a pass), timed in "
+              "the same rounds. A `clone()` is that copy plus first-touch page faults of fresh memory, whose cost "
+              "swings with the allocator's state (3.3-13 ms for ResNet-18 here), so the copy is the stable and "
+              "the stricter floor. "
+              "`vs plain SGD` = our masked step / an unmasked torch.optim.SGD(foreach) step with the same "
+              "momentum and weight decay.", ""]
     gb = any(r["gbps"] is not None for r in rows)
-    head = "| model | device | op | ratio | ours (ms) | baseline (ms) | speed-up | vs plain SGD |"
-    sep = "|---|---|---|---:|---:|---:|---:|---:|"
+    head = "| model | device | op | ratio | ours (ms) | baseline (ms) | speed-up | vs copy | vs plain SGD |"
+    sep = "|---|---|---|---:|---:|---:|---:|---:|---:|"
     if gb:
         head += " GB/s |"
         sep += "---:|"
@@ -285,6 +293,7 @@ def write_markdown(path, rows, facts, args, command):
     for r in rows:
         line = (f"| {r['model']} | {r['device']} | {r['op'].strip()} | {r['ratio']:.0%} | {r['ours_ms']:.2f} | "
                 f"{fmt(r['base_ms'], '.2f')} | {fmt(r['speedup'], '.2f')}{'x' if r['speedup'] else ''} | "
+                f"{fmt(r.get('vs_copy'), '.2f')}{'x' if r.get('vs_copy') else ''} | "
                 f"{fmt(r.get('vs_plain_sgd'), '.2f')}{'x' if r.get('vs_plain_sgd') else ''} |")
         if gb:
             line += f" {fmt(r['gbps'], '.1f')} |"
@@ -301,16 +310,25 @@ def write_markdown(path, rows, facts, args, command):
 
 
 def targets(rows):
+    """Each target the rows bear on, met or MISSED (issue 15's list; the per-layer loop speed-up)."""
     out = []
     for r in rows:
-        if r["model"] == "resnet18" and r["op"] == "layerwise_topk" and abs(r["ratio"] - 0.10) < 1e-9:
+        if r["model"] not in ("resnet18", "resnet50"):
+            continue
+        where = f"[{r['device']}] {r['op'].strip()}, {r['model']}, r={r['ratio']:.0%}"
+        if r["op"] == "layerwise_topk" and r["model"] == "resnet18" and abs(r["ratio"] - 0.10) < 1e-9:
             ok = r["speedup"] >= 3.0
-            out.append(f"[{r['device']}] layerwise_topk, ResNet-18, r=10%: {r['speedup']:.2f}x the per-layer "
-                       f"torch.topk loop (target >= 3x): {'met' if ok else 'MISSED'}")
-        if r["op"].startswith("masked_sgd_") and r.get("vs_plain_sgd") is not None and r["model"] == "resnet18":
-            ok = r["vs_plain_sgd"] <= 1.3
-            out.append(f"[{r['device']}] {r['op']}, ResNet-18, r={r['ratio']:.0%}: {r['vs_plain_sgd']:.2f}x a plain "
-                       f"SGD(foreach) step (target <= 1.3x): {'met' if ok else 'MISSED'}")
+            out.append(f"{where}: {r['speedup']:.2f}x the per-layer torch.topk loop (target >= 3x): "
+                       f"{'met' if ok else 'MISSED'}")
+        if r["op"] == "layerwise_topk" and r.get("vs_copy") is not None and r["ratio"] <= 0.10 + 1e-9:
+            ok = r["vs_copy"] <= 1.5
+            out.append(f"{where}: {r['vs_copy']:.2f}x a copy of the same tensors (target: <= 1.5x a clone, "
+                       f"judged against the copy): {'met' if ok else 'MISSED'}")
+        if r["op"].startswith("masked_sgd_") and r.get("vs_plain_sgd") is not None:
+            limit = 1.1 if "masks given" in r["op"] else 1.3
+            ok = r["vs_plain_sgd"] <= limit
+            out.append(f"{where}: {r['vs_plain_sgd']:.2f}x a plain SGD(foreach) step (target <= {limit}x): "
+                       f"{'met' if ok else 'MISSED'}")
     return out
 
 
