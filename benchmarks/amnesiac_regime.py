@@ -17,7 +17,9 @@ fine-tune epoch and without, and partial amnesiac (no fine-tune) at each r.
 
 Writes ``<out>.md`` (one table, mean ± std over seeds, with the statement of the regime in which partial
 amnesiac stays at most 2 TA points below Retrain), ``<out>.png`` (the plot) and ``<out>.json`` (every row).
-Stores are DiskStores in ``--store-dir`` (float32; removed after each seed: about 10 GB for the MLP).
+Stores are DiskStores in ``--store-dir`` (float32; removed after each seed: about 10 GB for the MLP). Only the
+store files this run writes are removed (a crashed earlier run's stores of the same names are replaced with a
+warning); other files in the folder are left alone.
 """
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 
@@ -248,7 +249,6 @@ def _run_seed(args, model: str, seed: int, sizes: list, ratios: list, raw: list)
                            train_size=args.train_size or None, test_size=None, epochs=args.epochs,
                            batch_size=args.batch_size, keep_ratios=ratios, seed=seed, store_dir=args.store_dir)
     load = os.getloadavg()[0]
-    shutil.rmtree(args.store_dir, ignore_errors=True)  # a crashed earlier run's files
     exp = Experiment(cfg)
     exp.train(progress=False)
     order = torch.randperm(len(exp.data.train), generator=torch.Generator().manual_seed(1000 + seed))
@@ -261,8 +261,7 @@ def _run_seed(args, model: str, seed: int, sizes: list, ratios: list, raw: list)
               f"partial r=0.1 {rows.get('partial_amnesiac r=0.1', {}).get('TA', float('nan')):.3f}",
               file=sys.stderr, flush=True)
         results.write_text(json.dumps(raw, indent=1, default=repr), args.out + ".json")
-    exp.close()
-    shutil.rmtree(args.store_dir, ignore_errors=True)
+    exp.close()  # removes the stores it wrote (and the folder, if that leaves it empty), nothing else
 
 
 if __name__ == "__main__":
