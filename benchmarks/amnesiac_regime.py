@@ -247,7 +247,8 @@ def _run_seed(args, model: str, seed: int, sizes: list, ratios: list, raw: list)
     written to ``<out>.json`` after each size (so a crash keeps what was measured)."""
     cfg = ExperimentConfig(dataset=args.dataset, model=model, methods=["retrain", "amnesiac", "partial_amnesiac"],
                            train_size=args.train_size or None, test_size=None, epochs=args.epochs,
-                           batch_size=args.batch_size, keep_ratios=ratios, seed=seed, store_dir=args.store_dir)
+                           batch_size=args.batch_size, keep_ratios=ratios, seed=seed, store_dir=args.store_dir,
+                           keep_stores=False)
     load = os.getloadavg()[0]
     exp = Experiment(cfg)
     exp.train(progress=False)
