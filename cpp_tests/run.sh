@@ -5,7 +5,9 @@
 #
 # Environment: PYTHON (default .venv/bin/python, else python3) locates torch; BUILD_DIR (default
 # build/cmake); JOBS (default 2); UNLEARN_EXT_WITH_CUDA=ON also compiles csrc/cuda/*.cu (default OFF:
-# the C++ tests exercise the CPU kernels; CUDA ones run when a GPU is present and they were built).
+# the C++ tests exercise the CPU kernels; CUDA ones run when a GPU is present and they were built);
+# UNLEARN_EXT_CPU_CLONES (default OFF here: the tests then run the baseline x86-64 code, which the Python
+# tests, on the AVX-512/AVX2 version the CPU picks, may not reach).
 # CUDA_HOME / TORCH_CUDA_ARCH_LIST are honoured; see the "CUDA trap" note in CMakeLists.txt for why
 # a CPU-only build still has to find the CUDA toolkit (torch's CMake config insists on it).
 set -euo pipefail
@@ -43,6 +45,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-7.5;9.0}"
   -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" \
   -DCMAKE_BUILD_TYPE=Release \
   -DUNLEARN_EXT_WITH_CUDA="${UNLEARN_EXT_WITH_CUDA:-OFF}" \
+  -DUNLEARN_EXT_CPU_CLONES="${UNLEARN_EXT_CPU_CLONES:-OFF}" \
   "$@"
 "$CMAKE" --build "$BUILD_DIR" -j "${JOBS:-2}"
 (cd "$BUILD_DIR" && "$CTEST" --output-on-failure)

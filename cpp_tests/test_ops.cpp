@@ -22,6 +22,8 @@
 #include <tuple>
 #include <vector>
 
+#include "select.h"  // keep_count
+
 namespace {
 
 int g_failures = 0;
@@ -168,6 +170,42 @@ void test_topk() {
   // The ratio 0.1 on 30 elements keeps 3 (r*n = 3.0000000000000004 counts as 3).
   auto [tv, ti, to] = layerwise_topk({at::arange(30, at::kFloat)}, 0.1);
   CHECK_SAME(ti, i32({27, 28, 29}));
+}
+
+// Big layers (the sampled-bracket path) and a mid-size one (the radix path), with many ties (values on a
+// grid of 1/16), against a stable sort: the k largest (or smallest) |value|, ties to the lower index.
+// Built by cpp_tests/run.sh without the per-ISA clones, so this checks the baseline x86-64 code that the
+// Python tests (run on whatever the CPU picks) may not reach.
+void test_topk_big_layers_match_a_stable_sort() {
+  at::manual_seed(7);
+  const std::vector<int64_t> sizes = {200003, 5000, 65536 * 3 + 17};
+  std::vector<at::Tensor> after, before;
+  for (int64_t n : sizes) {
+    before.push_back(at::round(at::randn({n}) * 16) / 16);
+    after.push_back(before.back() + at::round(at::randn({n}) * 8) / 16);
+  }
+  for (const bool subtract : {false, true}) {
+    for (const bool largest : {true, false}) {
+      for (const double ratio : {0.01, 0.1, 0.5}) {
+        const std::vector<at::Tensor> sub = before;
+        auto [values, indices, offsets] =
+            subtract ? layerwise_topk(after, ratio, largest, at::TensorList(sub)) : layerwise_topk(after, ratio, largest);
+        const auto masks = layerwise_topk_mask(after, ratio, largest);
+        for (size_t l = 0; l < sizes.size(); ++l) {
+          const at::Tensor ranked = subtract ? after[l] - before[l] : after[l];
+          const int64_t k = unlearn_ext::keep_count(sizes[l], ratio);
+          const at::Tensor order = std::get<1>(at::sort(ranked.abs(), /*stable=*/true, 0, /*descending=*/largest));
+          const at::Tensor want = std::get<0>(at::sort(order.slice(0, 0, k)));
+          const int64_t lo = offsets[l].item<int64_t>(), hi = offsets[l + 1].item<int64_t>();
+          CHECK_SAME(indices.slice(0, lo, hi), want.to(at::kInt));
+          CHECK_SAME(values.slice(0, lo, hi), ranked.index_select(0, want));
+          if (!subtract) {
+            CHECK_SAME(masks[l], at::zeros({sizes[l]}, at::kBool).index_fill_(0, want, true));
+          }
+        }
+      }
+    }
+  }
 }
 
 void test_topk_mask() {
@@ -333,6 +371,7 @@ int main() {
     const char* name;
     void (*fn)();
   } tests[] = {{"topk", test_topk},
+               {"topk_big_layers", test_topk_big_layers_match_a_stable_sort},
                {"topk_mask", test_topk_mask},
                {"sparse_accumulate", test_sparse_accumulate},
                {"masked_sgd", test_masked_sgd},

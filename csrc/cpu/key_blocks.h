@@ -14,7 +14,8 @@
 // CPU picks one when the library loads (function multi-versioning); `flatten` inlines the per-element
 // code into each version, so the whole loop gets that instruction set. The result is the same in every
 // version: integer keys and comparisons, and a subtraction rounded to the value dtype either way.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// UNLEARN_EXT_NO_CPU_CLONES builds the baseline only (the C++ tests do, to check that version).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(UNLEARN_EXT_NO_CPU_CLONES)
 #define UE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
 #else
 #define UE_CPU_CLONES
