@@ -50,6 +50,8 @@ OVERHEAD_CONFIGS = {  # name: (keep_ratio, value dtype, store kind)
 STORAGE_CONFIGS = [(None, torch.float32), (None, torch.float16)] + [
     (r, dt) for r in (0.01, 0.1, 0.5) for dt in (torch.float32, torch.float16)]
 OVERHEAD_TARGET, BYTES_TARGET = 0.25, 0.10
+OVERHEAD_TARGETS = {"resnet18": 0.10}  # issue 15: ResNet-18 at batch 32; the small models OVERHEAD_TARGET
+MIN_BLOCK = 3  # steps: a block of one ResNet-18 step swung the ratio by ±40 % between rounds
 
 
 def _setup(name: str, batch: int, seed: int = 0):
@@ -83,7 +85,7 @@ def measure_overhead(name: str, batch: int, rounds: int, block_seconds: float, w
         _steps(model, opt, x, y, 1, UpdateRecorder(model, keep_ratio=kr, value_dtype=dt), 0)
     t = time.perf_counter()
     _steps(model, opt, x, y, 2, None, 0)
-    block = max(1, round(block_seconds / ((time.perf_counter() - t) / 2)))
+    block = max(MIN_BLOCK, round(block_seconds / ((time.perf_counter() - t) / 2)))
     wall: Dict[str, List[float]] = {c: [] for c in ["plain", *OVERHEAD_CONFIGS]}
     cpu: Dict[str, List[float]] = {c: [] for c in ["plain", *OVERHEAD_CONFIGS]}
     for r in range(rounds):
@@ -170,7 +172,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default="mlp:32,mlp:128,resnet18:32", help="model:batch, comma-separated")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--block-seconds", type=float, default=0.5, help="steps per block: about this long")
+    ap.add_argument("--block-seconds", type=float, default=0.5, help="steps per block: about this long (at least MIN_BLOCK = 3)")
     ap.add_argument("--storage-steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -196,13 +198,17 @@ def main(argv=None) -> int:
              f"on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
              f"({time.perf_counter() - t0:.0f} s).", "",
              f"Machine: {_machine()}. Load average (1 min) {load_before[0]:.1f} before and {load_after[0]:.1f} "
-             "after the run: the CPUs were shared with other jobs, so absolute times are inflated and noisy.", "",
+             f"after the run (the run itself keeps about {args.threads} cores busy)"
+             + (": the CPUs were shared with other jobs when it started, so absolute times are inflated and noisy."
+                if load_before[0] > 0.5 else "."), "",
              "## Recording overhead (fraction of a plain training step)", "",
              f"Adam, blocks of about {args.block_seconds} s of steps, {args.rounds} rounds, configurations shuffled "
              "within a round and each compared with the plain block of its round. *CPU* is process CPU time "
              "(all threads, the DiskStore writer included; it does not count time spent waiting for a core, so "
              "it is the robust figure on a shared machine); *wall* is elapsed time. Median over rounds, range "
-             f"in brackets. Target: <= {100 * OVERHEAD_TARGET:.0f}% of a CPU step (judged on the CPU-time median).", "",
+             f"in brackets. Target: <= {100 * OVERHEAD_TARGET:.0f}% of a CPU step, "
+             + ", ".join(f"<= {100 * v:.0f}% for {k}" for k, v in OVERHEAD_TARGETS.items())
+             + " (judged on the CPU-time median; issue 15 states them for DiskStore with fp16 values).", "",
              "| model | params | batch | steps/block | plain step CPU / wall | configuration | overhead CPU | overhead wall | target |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (name, batch), o in overhead.items():
@@ -213,7 +219,7 @@ def main(argv=None) -> int:
             lines.append(f"| {name} | {o['params']:,} | {batch} | {o['block']} | {1000 * pc:.1f} / {1000 * pw:.1f} ms | "
                          f"{cfg} | {_pct(med)} [{_pct(min(rc))} … {_pct(max(rc))}] | "
                          f"{_pct(statistics.median(rw))} [{_pct(min(rw))} … {_pct(max(rw))}] | "
-                         f"{'met' if med <= OVERHEAD_TARGET else 'MISSED'} |")
+                         f"{'met' if med <= OVERHEAD_TARGETS.get(name, OVERHEAD_TARGET) else 'MISSED'} |")
     names = list(storage)
     lines += ["", "## Storage per recorded step", "",
               f"Bytes per step in the store format (what `nbytes()` counts, without the file header), "
