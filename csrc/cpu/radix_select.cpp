@@ -16,6 +16,25 @@ std::vector<int64_t> sizes_of(const std::vector<Source>& sources) {
   return n;
 }
 
+// What a pass over one item's tiles found: how many rank keys lie above the range it looks for, and the
+// keys inside it, copied from the thread's scratch into `cand`. Returns the largest |.| key seen.
+template <class Value, class Above, class Inside>
+uint32_t count_above_collect_inside(const Value& val, const Item& it, bool largest, const Above& above,
+                                    const Inside& inside, int64_t& strict, std::vector<uint32_t>& cand) {
+  uint32_t* scratch = item_scratch();
+  int64_t s = 0, c = 0;
+  const uint32_t worst =
+      for_each_tile(val, it.begin, it.end - it.begin, largest, [&](const uint32_t* rk, int64_t, int64_t m) {
+        int64_t t = 0;
+        for (int64_t q = 0; q < m; ++q) t += above(rk[q]);
+        s += t;
+        for_each_match(rk, m, inside, [&](int64_t q) { scratch[c++] = rk[q]; });
+      });
+  strict = s;
+  cand.assign(scratch, scratch + c);
+  return worst;
+}
+
 // The need-th most preferred (largest) of `keys`, all within [base, base + width]; `need` becomes how many
 // of the keys equal to it are taken. A radix select on key - base, 11 bits at a time from the width's
 // highest bit down, each pass keeping only the keys of the chosen digit (the first pass sees them all,
@@ -186,18 +205,8 @@ void LayerSelection::bracket_item(int64_t j) {
     const uint32_t lo = lay.lo, hi = lay.hi, width = hi - lo;
     const auto above = [&](uint32_t r) { return r > hi; };
     const auto inside = [&](uint32_t r) { return r - lo <= width; };  // unsigned: keys below lo wrap around
-    uint32_t* cand = item_scratch();
-    int64_t strict = 0, c = 0;
-    const uint32_t worst =
-        for_each_tile(val, it.begin, it.end - it.begin, largest_, [&](const uint32_t* rk, int64_t, int64_t m) {
-          int64_t s = 0;
-          for (int64_t q = 0; q < m; ++q) s += above(rk[q]);
-          strict += s;
-          for_each_match(rk, m, inside, [&](int64_t q) { cand[c++] = rk[q]; });
-        });
+    const uint32_t worst = count_above_collect_inside(val, it, largest_, above, inside, st.strict, st.cand);
     st.nonfinite |= worst >= kNonFiniteKey;
-    st.strict = strict;
-    st.cand.assign(cand, cand + c);
   });
 }
 
@@ -260,16 +269,9 @@ void LayerSelection::collect_digit_item(int64_t j) {
   const Layer& lay = layers_[it.layer];
   visit_ranked_value(sources_[it.layer], [&](const auto& val) {
     const uint32_t prefix = lay.th.threshold, mask = radix_prefix_mask(1);
-    uint32_t* cand = item_scratch();
-    int64_t strict = 0, c = 0;
-    for_each_tile(val, it.begin, it.end - it.begin, largest_, [&](const uint32_t* rk, int64_t, int64_t m) {
-      int64_t s = 0;
-      for (int64_t q = 0; q < m; ++q) s += (rk[q] & mask) > prefix;
-      strict += s;
-      for_each_match(rk, m, [&](uint32_t r) { return (r & mask) == prefix; }, [&](int64_t q) { cand[c++] = rk[q]; });
-    });
-    items_[j].strict = strict;
-    items_[j].cand.assign(cand, cand + c);
+    count_above_collect_inside(
+        val, it, largest_, [&](uint32_t r) { return (r & mask) > prefix; },
+        [&](uint32_t r) { return (r & mask) == prefix; }, items_[j].strict, items_[j].cand);
   });
 }
 
