@@ -279,8 +279,8 @@ def write_markdown(path, rows, facts, args, command):
               "on the models' parameter shapes). `vs copy` = our top-k / a copy of the same tensors into "
               "preallocated ones (one read and one write of every value: the memory floor of a pass), timed in "
               "the same rounds. A `clone()` is that copy plus first-touch page faults of fresh memory, whose cost "
-              "swings with the allocator's state (3.3-13 ms for ResNet-18 here), so the copy is the stable and "
-              "the stricter floor. "
+              "swings with the allocator's state from run to run, so the copy is the stable and the stricter "
+              "floor. "
               "`vs plain SGD` = our masked step / an unmasked torch.optim.SGD(foreach) step with the same "
               "momentum and weight decay.", ""]
     gb = any(r["gbps"] is not None for r in rows)

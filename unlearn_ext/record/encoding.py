@@ -250,7 +250,7 @@ def _structure_by_segment(indices: Tensor, off: Sequence[int], kinds: Sequence[i
             flags[start:start + bits[s]].scatter_(0, seg, true.expand(seg.numel()))
             start += bits[s]
     index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.int32)
-    return index, torch.from_numpy(np.packbits(flags.numpy(), bitorder="little"))
+    return index, _pack_bits(flags)
 
 
 def _structure_vectorised(indices: Tensor, counts_t: Tensor, kinds_t: Tensor, kinds: Sequence[int],
