@@ -126,8 +126,8 @@ def read_start(f: BinaryIO, path: str) -> Tuple[int, Manifest, int]:
 
 
 def read_record(fd: int, offset: int, size: int, manifest: Manifest, path: str, step: int) -> Encoded:
-    """The payload of the record at ``offset``, its checksums verified again (the file may have changed
-    since it was scanned)."""
+    """The payload of the record at ``offset``, its checksums verified again and its step compared with
+    ``step``, the one indexed there (the file may have changed since it was scanned)."""
     buf = bytearray(size)
     view, done = memoryview(buf), 0
     while done < size:
@@ -140,7 +140,11 @@ def read_record(fd: int, offset: int, size: int, manifest: Manifest, path: str, 
     if zlib.crc32(view[:16]) != head_crc or zlib.crc32(body) != body_crc:
         raise ValueError(f"{path}: the record at byte {offset} (step {step}) fails its checksum: the file was "
                          "damaged after it was opened")
-    return parse_body(body, offset, manifest, path)[2]
+    found, _, enc = parse_body(body, offset, manifest, path)
+    if found != step:
+        raise ValueError(f"{path}: the record at byte {offset} holds step {found} where this handle indexed step "
+                         f"{step}: the file was rewritten since it was opened (by another run?)")
+    return enc
 
 
 def _frombuffer(buf, dtype: torch.dtype, count: int, offset: int) -> Tensor:

@@ -14,6 +14,11 @@ The bytes are those of :mod:`.disk_format`. What the file promises:
   opening it says so (``dropped.unclean`` and a warning).
 * One handle writes a file at a time (an exclusive ``flock``, taken by the first append); readers may
   open it meanwhile (they find no trailer yet, and report it as not closed cleanly).
+* A handle reads only the file it opened: it keeps that file's descriptor, so when the path is later
+  replaced (another run creating a store of the same name) it goes on reading its own records, says so
+  once (``RuntimeWarning``), and refuses to append to the new file. Each record read back must hold the
+  step the handle indexed at that offset: a file rewritten in place with other records whose checksums
+  hold is refused (``ValueError``), never applied.
 * It warns before it outgrows the disk: a ``RuntimeWarning`` (once per handle) when the free space of
   its file system is less than what it still needs — the rest of ``expected_nbytes`` (the size
   :func:`~unlearn_ext.record.planner.plan_storage` gives) or room for ``LOW_SPACE_RECORDS`` more
@@ -122,6 +127,9 @@ class DiskStore(UpdateStore):
         self._seen_size = 0
         self._file = None
         self._file_key: Optional[Tuple[int, int]] = None
+        self._fd: Optional[int] = None  # the file this handle opened or created, read through to the end
+        self._key: Optional[Tuple[int, int]] = None  # its (device, inode)
+        self._path_warned = False
         self._thread: Optional[threading.Thread] = None
         self._queue: Optional[queue.Queue] = None
         self._error: Optional[Tuple[int, OSError]] = None
@@ -142,8 +150,15 @@ class DiskStore(UpdateStore):
         return os.path.dirname(os.path.abspath(self.path))
 
     # -- opening ----------------------------------------------------------------------------------
+    def _adopt(self, fd: int) -> None:
+        """Read through ``fd`` (this handle's file) from now on; it is closed when the handle is collected."""
+        st = os.fstat(fd)
+        self._fd, self._key = fd, (st.st_dev, st.st_ino)
+        weakref.finalize(self, os.close, fd)
+
     def _load(self) -> None:
         with open(self.path, "rb") as f:
+            self._adopt(os.dup(f.fileno()))
             self._version, self.manifest, start = fmt.read_start(f, self.path)
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 records, self.dropped = fmt.scan(mm, start, self._version, self.manifest, self.path)
@@ -182,15 +197,23 @@ class DiskStore(UpdateStore):
         data = fmt.file_start(manifest) + fmt.trailer(0)
         tmp = f"{self.path}.tmp{os.getpid()}.{next(_TEMP_IDS)}"  # unique to this call
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         except OSError as e:
             raise type(e)(e.errno, f"cannot create the store {self.path}: {e.strerror}") from None
+        keep = os.dup(fd)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            self._publish(tmp, data)
+            in_place = self._publish(tmp, data)
+            if in_place is not None:
+                os.close(keep)
+                keep = in_place
+            self._adopt(keep)
+        except BaseException:
+            os.close(keep)
+            raise
         finally:
             try:
                 os.unlink(tmp)
@@ -205,24 +228,27 @@ class DiskStore(UpdateStore):
         self._seen_size = self._size = len(data)
         self._warn_if_disk_short(0)
 
-    def _publish(self, tmp: str, data: bytes) -> None:
-        """Give the fsynced ``tmp`` the store's path, never replacing a file that is there."""
+    def _publish(self, tmp: str, data: bytes) -> Optional[int]:
+        """Give the fsynced ``tmp`` the store's path, never replacing a file that is there. Returns None when
+        ``tmp`` itself is now the store, else a descriptor of the file created in its place."""
         try:
             os.link(tmp, self.path)
-            return
+            return None
         except FileExistsError:
             raise self._lost_creation() from None
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
                 raise
         try:  # no hard links on this file system: create the path exclusively and write it in place
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             raise self._lost_creation() from None
+        keep = os.dup(fd)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        return keep
 
     def _lost_creation(self) -> FileExistsError:
         return FileExistsError(f"{self.path} was created by another process or store handle while this one was "
@@ -235,6 +261,10 @@ class DiskStore(UpdateStore):
         f = open(self.path, "r+b", buffering=0)
         st = os.fstat(f.fileno())
         key = (st.st_dev, st.st_ino)
+        if key != self._key:
+            f.close()
+            raise RuntimeError(f"{self.path} now holds another file than the one {self!r} opened; nothing was "
+                               "appended: open the path again (DiskStore(path)) to append to the file that is there")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -386,12 +416,24 @@ class DiskStore(UpdateStore):
     def _payloads(self, positions) -> List[Encoded]:
         if not self._closed:
             self.flush()
-        fd = os.open(self.path, os.O_RDONLY)
+        self._warn_if_path_replaced()
+        return [fmt.read_record(self._fd, *self._where[p], self.manifest, self.path, self._recs[p].step)
+                for p in positions]
+
+    def _warn_if_path_replaced(self) -> None:
+        """Say once that the path no longer names this handle's file (module docstring)."""
+        if self._path_warned:
+            return
         try:
-            return [fmt.read_record(fd, *self._where[p], self.manifest, self.path, self._recs[p].step)
-                    for p in positions]
-        finally:
-            os.close(fd)
+            st = os.stat(self.path)
+            now = (st.st_dev, st.st_ino)
+        except OSError:
+            now = None
+        if now != self._key:
+            self._path_warned = True
+            what = "no longer exists" if now is None else f"now holds another file than the one {self!r} opened"
+            warnings.warn(f"{self.path} {what} (another run may have replaced it); this handle goes on reading the "
+                          "records of the file it opened", RuntimeWarning, stacklevel=4)
 
 
 __all__ = ["DiskStore"]

@@ -13,16 +13,17 @@ bytes of the on-disk format (:mod:`.disk_format`) for both stores.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .. import ops
+from ..durable import deferred_interrupts
 from . import encoding, sharding
 from .disk_format import file_overhead, record_overhead
 from .encoding import KIND_NAMES, Encoded
-from .identity import Manifest, describe_difference, model_fingerprint, model_layers, named_parameters
+from .identity import Manifest, describe_difference, dtype_name, model_fingerprint, model_layers, named_parameters
 from .validation import as_id_tensor, as_step, check_update
 
 Tensor = torch.Tensor
@@ -197,51 +198,91 @@ class UpdateStore:
               max_batch_entries: int = 1 << 24) -> dict:
         """``θ += alpha · Σ Δ̂_step`` over ``steps`` (default: all) in place — ``alpha=-1`` removes them.
 
-        The model must have this store's fingerprint; its parameters are found by the manifest's names.
-        The stored updates go through one ``sparse_accumulate_`` call, or — when they hold more than
-        ``max_batch_entries`` entries — one call per consecutive group of records, which applies them in
-        the same order. The bound caps the transient memory of decoding: 8 bytes an entry for the batch
-        itself, but about 40 at the peak on the CPU (bitmask positions are unpacked as int64); at the
-        default 2^24 entries that is under 1 GB (measured: a 1 GB dense LeNet store applied with 2^27
-        peaked 5 GB above the store, with 2^24 0.8 GB, in the same time).
-
-        Stored indices count in a layer's logical (row-major) order; a parameter stored in another
-        memory order (``channels_last``) is updated through a contiguous copy written back at the end.
-        A sharded recording (:mod:`.sharding`) applies to this rank's blocks of a sharded model (the
-        blocks it recorded, else ``ValueError``), or to its blocks of the whole parameters of an
-        unsharded one.
-        A record holding NaN or infinity (only a file can: appending refuses them) raises ``ValueError``
-        naming its step before anything is applied. Returns ``{"steps", "entries", "calls"}``."""
+        The model must have this store's fingerprint; its parameters are found by the manifest's names and
+        updated by :meth:`apply_to` (all or nothing: see there). Returns ``{"steps", "entries", "calls"}``."""
         self.check_model(model)
+        return self.apply_to(dict(named_parameters(model)), steps, alpha, max_batch_entries)
+
+    def apply_to(self, tensors: Mapping[str, Tensor], steps: Optional[Iterable[int]] = None, alpha: float = -1.0,
+                 max_batch_entries: int = 1 << 24) -> dict:
+        """``t += alpha · Σ Δ̂_step`` over ``steps`` (default: all) for the tensors of the manifest's layers,
+        found by name in ``tensors`` (a model's named parameters, or a ``state_dict`` loaded from a
+        checkpoint: every recorded layer must be there with its whole shape and dtype, else ``ValueError``
+        naming the first that is not).
+
+        All or nothing. Every step is checked first — a step given twice (``ValueError``: a step can be
+        undone once), a step not in the store, a record holding NaN or infinity (only a file can: appending
+        refuses them) — and the tensors change only after every record has been read and its checksums
+        verified, or not at all: when the records hold more than ``max_batch_entries`` entries they are
+        applied in consecutive groups (one ``sparse_accumulate_`` call each, the same order), and a failure in
+        a later group — a record damaged since the store was opened, a read error, Ctrl-C — puts every tensor
+        back as it was (from a copy taken first, only in that case) before the error is raised.
+
+        The bound caps the transient memory of decoding: 8 bytes an entry for the batch itself, but about 40
+        at the peak on the CPU (bitmask positions are unpacked as int64); at the default 2^24 entries that is
+        under 1 GB (measured: a 1 GB dense LeNet store applied with 2^27 peaked 5 GB above the store, with
+        2^24 0.8 GB, in the same time).
+
+        Stored indices count in a layer's logical (row-major) order; a tensor stored in another memory order
+        (``channels_last``) is updated through a contiguous copy written back at the end. A sharded recording
+        (:mod:`.sharding`) applies to this rank's blocks of a sharded model (the blocks it recorded, else
+        ``ValueError``), or to its blocks of the whole parameters of an unsharded one. Returns
+        ``{"steps", "entries", "calls"}``."""
         m = self._manifest()
-        steps = self.steps() if steps is None else [int(s) for s in steps]
-        broken = [s for s in steps if not self._recs[self._position(s)].finite]
-        if broken:
-            raise ValueError(f"{self!r}: the stored update of step {broken[0]} holds NaN or infinity "
-                             f"({len(broken)} such step(s) among those to apply); applying it would turn the "
-                             "model's parameters to NaN, so nothing was applied")
-        params = dict(named_parameters(model))
-        targets = [sharding.target(name, params[name], m.shards, i, shape)
+        steps = self._steps_to_apply(steps)
+        self.check_tensors(tensors)
+        targets = [sharding.target(name, tensors[name], m.shards, i, shape)
                    for i, (name, shape) in enumerate(zip(m.names, m.shapes))]
         dense = [t if t.is_contiguous() else t.contiguous() for t in targets]
         groups: List[List[int]] = []
         size = 0
         for s in steps:
-            n = self._recs[self._position(s)].entries
+            n = self._recs[self._pos[s]].entries
             if not groups or size + n > max_batch_entries:
                 groups.append([])
                 size = 0
             groups[-1].append(s)
             size += n
+        # One group is read and verified whole before its one call changes anything; with several, a later
+        # group can fail after an earlier one was applied, so the tensors are copied first.
+        backup = [t.clone() for t in targets] if len(groups) > 1 else None
         with torch.no_grad():
-            for group in groups:
-                values, indices, offsets = self.load_batch(group, device=dense[0].device)
-                ops.sparse_accumulate_(dense, values, indices, offsets, alpha)
-            for t, d in zip(targets, dense):
-                if d is not t:
-                    t.copy_(d)
+            try:
+                for group in groups:
+                    values, indices, offsets = self.load_batch(group, device=dense[0].device)
+                    ops.sparse_accumulate_(dense, values, indices, offsets, alpha)
+            except BaseException:
+                if backup is not None:
+                    with deferred_interrupts():
+                        for t, b in zip(targets, backup):
+                            t.copy_(b)
+                raise
+            with deferred_interrupts():
+                for t, d in zip(targets, dense):
+                    if d is not t:
+                        t.copy_(d)
         return {"steps": len(steps), "entries": sum(self._recs[self._pos[s]].entries for s in steps),
                 "calls": len(groups)}
+
+    def _steps_to_apply(self, steps: Optional[Iterable[int]]) -> List[int]:
+        """``steps`` as ints (default: all), each stored, finite and given once — else ``ValueError``."""
+        if steps is None:
+            steps = self.steps()
+        else:
+            steps = [as_step(s) for s in steps]
+            seen = set()
+            for s in steps:
+                if s in seen:
+                    raise ValueError(f"steps: step {s} is given more than once; a recorded step can be undone only "
+                                     "once (pass each step once), so nothing was applied")
+                seen.add(s)
+                self._position(s)
+        broken = [s for s in steps if not self._recs[self._pos[s]].finite]
+        if broken:
+            raise ValueError(f"{self!r}: the stored update of step {broken[0]} holds NaN or infinity "
+                             f"({len(broken)} such step(s) among those to apply); applying it would turn the "
+                             "model's parameters to NaN, so nothing was applied")
+        return steps
 
     # -- accounting -------------------------------------------------------------------------------
     def encoding_nbytes(self) -> Dict[str, int]:
@@ -277,6 +318,20 @@ class UpdateStore:
         fingerprint = model_fingerprint(model)
         if fingerprint != self._manifest().fingerprint:
             self._fingerprint_error(fingerprint, describe_difference(self.manifest, model_layers(model)))
+
+    def check_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        """Raise ``ValueError`` naming the first recorded layer that ``tensors`` (name → tensor, e.g. a
+        checkpoint's ``state_dict``) lacks or holds with another shape or dtype than the manifest's."""
+        m = self._manifest()
+        for name, shape, dtype in zip(m.names, m.global_shapes, m.dtypes):
+            t = tensors.get(name)
+            if t is None:
+                raise ValueError(f"{self!r} recorded layer {name!r}, which the given tensors lack (they have "
+                                 f"{len(tensors)} entries{', e.g. ' + repr(next(iter(tensors))) if tensors else ''})")
+            got = tuple(t.shape)  # a DTensor reports its whole shape
+            if got != tuple(shape) or dtype_name(t.dtype) != dtype:
+                raise ValueError(f"{self!r} recorded layer {name!r} as {dtype} of shape {tuple(shape)}; the given "
+                                 f"tensor is {dtype_name(t.dtype)} of shape {got}")
 
     # -- helpers ----------------------------------------------------------------------------------
     def _fingerprint_error(self, fingerprint: str, difference: str) -> None:
