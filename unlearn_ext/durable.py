@@ -4,16 +4,24 @@
   over the target and fsync the folder. A reader (or a process started after a crash) finds either the old
   file or the whole new one, never a torn one; a failed write (a full disk) leaves the old file as it was and
   removes the temporary one.
+* :func:`create_whole` — create a file that did not exist with its first bytes, never replacing one that does:
+  the bytes are written aside, fsynced and hard-linked to the path, so the file is either absent or whole, and
+  of two processes creating the same path one wins and the other gets ``FileExistsError``. On a file system
+  without hard links the path is created exclusively (``O_EXCL``) and written in place — a kill during those
+  few bytes then leaves a short file.
 * :class:`FolderLock` — an exclusive ``flock`` on ``<folder>/.unlearn-ext.lock``, held for as long as a run
   writes into the folder; a second run asking for the same folder is refused at once with
   :class:`FolderInUse` naming the process that holds it. The kernel drops the lock when its holder dies
   (even by ``kill -9``), so a folder is never left locked by a dead run.
+* :func:`crash_point` — where the kill tests stop a process: with ``UNLEARN_EXT_CRASH_AT=<name>`` in its
+  environment a process SIGKILLs itself on reaching the point of that name (never set in normal use).
 * :func:`deferred_interrupts` — a block that a Ctrl-C does not cut in two: SIGINT arriving inside it is
   raised when the block ends (for the few lines that put a model back as it was).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import os
@@ -51,6 +59,7 @@ def atomic_write(path: PathLike, write: Union[bytes, Callable[[object], None]]) 
                 write(f)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("atomic-write-before-rename")
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -59,6 +68,52 @@ def atomic_write(path: PathLike, write: Union[bytes, Callable[[object], None]]) 
             pass  # never created, or already renamed
         raise
     fsync_folder(folder)
+
+
+def create_whole(path: PathLike, data: bytes, lost: Callable[[], Exception]) -> int:
+    """Create ``path`` holding ``data`` (module docstring) and return a read-write descriptor of it (the
+    caller closes it). ``lost()`` is the exception to raise when the path exists already or appears meanwhile;
+    any other failure raises ``OSError`` naming the path."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}.{next(_TEMP_IDS)}"  # unique to this call
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot create {path}: {e.strerror}") from None
+    try:
+        _write_synced(fd, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise lost() from None
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                raise
+            os.close(fd)
+            fd = -1
+            try:  # no hard links on this file system: create the path exclusively and write it in place
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                raise lost() from None
+            _write_synced(fd, data)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # the link failed and took nothing, or the file is in place: the name is not needed
+    fsync_folder(os.path.dirname(os.path.abspath(path)))
+    return fd
+
+
+def _write_synced(fd: int, data: bytes) -> None:
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.write(fd, view[done:])
+    os.fsync(fd)
 
 
 def atomic_save(obj, path: PathLike) -> None:
@@ -119,6 +174,23 @@ class FolderLock:
         self.release()
 
 
+CRASH_ENV = "UNLEARN_EXT_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process here if the environment names this point (module docstring)."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash_budget(name: str) -> Optional[int]:
+    """``n`` when the environment says ``<name>:<n>``: the test wants the process killed after ``n`` bytes of
+    the write named ``name`` (a torn write); else None."""
+    spec = os.environ.get(CRASH_ENV, "")
+    point, _, n = spec.partition(":")
+    return int(n) if point == name and n.isdigit() else None
+
+
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
     """Hold SIGINT back until the block ends, then raise it (``KeyboardInterrupt``, or whatever the previous
@@ -139,4 +211,5 @@ def deferred_interrupts() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
-__all__ = ["FolderInUse", "deferred_interrupts", "FolderLock", "atomic_save", "atomic_write", "fsync_folder"]
+__all__ = ["CRASH_ENV", "FolderInUse", "FolderLock", "atomic_save", "atomic_write", "crash_budget", "crash_point",
+           "create_whole", "deferred_interrupts", "fsync_folder"]

@@ -98,9 +98,15 @@ def record_pieces(step: int, ids: Tensor, enc: Encoded) -> List[Union[bytes, mem
     crc = 0
     for p in pieces:
         crc = zlib.crc32(p, crc)
-    head16 = struct.pack("<4sQI", REC_MAGIC, sum(len(p) for p in pieces), crc)
-    pieces[0] = head16 + struct.pack("<I", zlib.crc32(head16)) + meta
+    pieces[0] = frame_header(REC_MAGIC, sum(len(p) for p in pieces), crc) + meta
     return pieces
+
+
+def frame_header(magic: bytes, body_len: int, body_crc: int) -> bytes:
+    """The 20-byte header framing a checksummed body (``REC_HEADER``): ``magic u64 body_len u32 crc32(body)
+    u32 crc32(the 16 bytes before)``. Store records and request-log entries share it."""
+    head16 = struct.pack("<4sQI", magic, body_len, body_crc)
+    return head16 + struct.pack("<I", zlib.crc32(head16))
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -299,7 +305,7 @@ class _Scanner:
         offset = start
         with memoryview(self.mm) as mv:
             while offset < end:
-                n, reason, hint = _check_record(mv, offset, end)
+                n, reason, hint = check_frame(mv, offset, end)
                 if n is not None:
                     reason = self._index(mv, offset, n)
                     if reason is None:
@@ -338,11 +344,11 @@ class _Scanner:
 
     def _resync(self, mv: memoryview, offset: int, end: int, hint: Optional[int]) -> Optional[int]:
         """The start of the first intact record after the damaged one at ``offset`` (None: none)."""
-        if hint is not None and hint < end and _check_record(mv, hint, end)[0] is not None:
+        if hint is not None and hint < end and check_frame(mv, hint, end)[0] is not None:
             return hint
         pos = self.mm.find(REC_MAGIC, offset + 1, end)
         while pos >= 0:
-            if _check_record(mv, pos, end)[0] is not None:
+            if check_frame(mv, pos, end)[0] is not None:
                 return pos
             pos = self.mm.find(REC_MAGIC, pos + 1, end)
         return None
@@ -371,13 +377,14 @@ class _Scanner:
         return None
 
 
-def _check_record(mv: memoryview, offset: int, end: int) -> Tuple[Optional[int], Optional[str], Optional[int]]:
-    """``(record size, None, None)`` for a record whose checksums hold within ``mv[:end]``, else
-    ``(None, reason, where the next record should start if the header is intact)``."""
+def check_frame(mv: memoryview, offset: int, end: int,
+                magic_expected: bytes = REC_MAGIC) -> Tuple[Optional[int], Optional[str], Optional[int]]:
+    """``(frame size, None, None)`` for a frame (:func:`frame_header` + body) whose checksums hold within
+    ``mv[:end]``, else ``(None, reason, where the next frame should start if the header is intact)``."""
     if end - offset < REC_HEADER.size:
         return None, "header cut short", None
     magic, body_len, body_crc, head_crc = REC_HEADER.unpack_from(mv, offset)
-    if magic != REC_MAGIC or zlib.crc32(mv[offset:offset + 16]) != head_crc:
+    if magic != magic_expected or zlib.crc32(mv[offset:offset + 16]) != head_crc:
         return None, "damaged record header", None
     stop = offset + REC_HEADER.size + body_len
     if stop > end:
@@ -399,6 +406,6 @@ def set_version(fd: int, version: int) -> None:
     os.pwrite(fd, struct.pack("<I", version), VERSION_OFFSET)
 
 
-__all__ = ["DroppedRecords", "DroppedRegion", "ScannedRecord", "TAIL_REASONS", "VERSION", "file_overhead",
-           "file_start", "parse_body", "read_record", "read_start", "record_overhead", "record_pieces", "scan",
+__all__ = ["DroppedRecords", "DroppedRegion", "REC_HEADER", "ScannedRecord", "TAIL_REASONS", "VERSION", "check_frame",
+           "file_overhead", "file_start", "frame_header", "parse_body", "read_record", "read_start", "record_overhead", "record_pieces", "scan",
            "set_version", "trailer"]

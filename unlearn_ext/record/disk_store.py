@@ -2,12 +2,12 @@
 
 The bytes are those of :mod:`.disk_format`. What the file promises:
 
-* Creation is atomic and never replaces a file: the header, manifest and an empty trailer are written
-  aside, fsynced and hard-linked to the path, so a store is either absent or has a whole manifest, and
-  of two processes (or handles) creating the same path one wins and the other raises
-  ``FileExistsError``. On a file system without hard links the file is created exclusively
-  (``O_EXCL``) in place instead — a kill during those few bytes then leaves a file that opens with a
-  ``ValueError``.
+* Creation is atomic and never replaces a file (:func:`~unlearn_ext.durable.create_whole`): the header,
+  manifest and an empty trailer are written aside, fsynced and hard-linked to the path, so a store is
+  either absent or has a whole manifest, and of two processes (or handles) creating the same path one wins
+  and the other raises ``FileExistsError``. On a file system without hard links the file is created
+  exclusively (``O_EXCL``) in place instead — a kill during those few bytes then leaves a file that opens
+  with a ``ValueError``.
 * Records are written in order by one thread, so after a kill the file is a prefix of the appended
   records plus at most one torn record (a kill stops a write part-way, it never reorders it).
 * ``close()`` writes the trailer with the record count; a file without it was not closed cleanly, and
@@ -29,9 +29,7 @@ The bytes are those of :mod:`.disk_format`. What the file promises:
 from __future__ import annotations
 
 import atexit
-import errno
 import fcntl
-import itertools
 import mmap
 import os
 import queue
@@ -45,6 +43,7 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
+from ..durable import create_whole
 from . import disk_format as fmt
 from .disk_format import DroppedRecords
 from .encoding import Encoded
@@ -54,7 +53,6 @@ from .store import RecordInfo, UpdateStore
 # The handles of this process that are appending, by (device, inode) of their file: a second handle
 # that cannot lock the file is told it is open here, not in another process.
 _APPENDING: "weakref.WeakValueDictionary[Tuple[int, int], DiskStore]" = weakref.WeakValueDictionary()
-_TEMP_IDS = itertools.count()
 LOW_SPACE_RECORDS = 100  # warn when the disk has room for fewer records than this (module docstring)
 SPACE_RECHECK_SECONDS = 1.0  # how long a free-space check with a wide margin stands (module docstring)
 
@@ -195,60 +193,10 @@ class DiskStore(UpdateStore):
     # -- writing ----------------------------------------------------------------------------------
     def _create(self, manifest: Manifest) -> None:
         data = fmt.file_start(manifest) + fmt.trailer(0)
-        tmp = f"{self.path}.tmp{os.getpid()}.{next(_TEMP_IDS)}"  # unique to this call
-        try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-        except OSError as e:
-            raise type(e)(e.errno, f"cannot create the store {self.path}: {e.strerror}") from None
-        keep = os.dup(fd)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            in_place = self._publish(tmp, data)
-            if in_place is not None:
-                os.close(keep)
-                keep = in_place
-            self._adopt(keep)
-        except BaseException:
-            os.close(keep)
-            raise
-        finally:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass  # the link failed and took nothing, or the file is in place: the name is not needed
-        dfd = os.open(self._folder(), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        self._adopt(create_whole(self.path, data, self._lost_creation))
         self._end = len(data) - fmt.TRAILER.size
         self._seen_size = self._size = len(data)
         self._warn_if_disk_short(0)
-
-    def _publish(self, tmp: str, data: bytes) -> Optional[int]:
-        """Give the fsynced ``tmp`` the store's path, never replacing a file that is there. Returns None when
-        ``tmp`` itself is now the store, else a descriptor of the file created in its place."""
-        try:
-            os.link(tmp, self.path)
-            return None
-        except FileExistsError:
-            raise self._lost_creation() from None
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
-                raise
-        try:  # no hard links on this file system: create the path exclusively and write it in place
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            raise self._lost_creation() from None
-        keep = os.dup(fd)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return keep
 
     def _lost_creation(self) -> FileExistsError:
         return FileExistsError(f"{self.path} was created by another process or store handle while this one was "

@@ -1,0 +1,425 @@
+"""RequestLog: the deletion requests one recorded model has served, each exactly once, each on the record.
+
+A log belongs to one recording (one store, or the per-rank stores of one sharded run: same model
+fingerprint, same steps and sample ids). Its state is the set U of recorded steps already undone and the
+chain of model digests h₀ → h₁ → … (h₀ ``genesis``: the trained model; hᵢ: after request i). A request
+``(request_id, D_f)`` on a model state with digest h is answered so:
+
+* **A new id.** h must be the chain's head — else it is refused, naming both digests (serving it would drop
+  the forgetting done since). Every id must be in some recorded step (else refused). The steps to undo are
+  B = steps_containing(D_f) ∖ U, in step order; the guard (:mod:`.guard`) refuses a request that would take
+  |U ∪ B| / (recorded steps) past its limit. Then Σ_{b∈B} Δ̂_b is subtracted in one all-or-nothing apply
+  (:meth:`~unlearn_ext.record.UpdateStore.apply_to`), the output is committed (the caller's ``commit``:
+  for a checkpoint, written atomically and durably), and only then is the receipt appended to the log
+  (checksummed, fsynced). So each step is undone at most once across the log, and ids whose steps earlier
+  requests undid change nothing (the receipt says so).
+* **A served id.** The ids must be the same as when it was served. If h is its logged output, nothing is
+  done ("already served"). If h is its logged input, the same steps are undone again in the same order and
+  the output must be bitwise the logged one ("redone"; a retry after a crash, or a lost output file). Any
+  other state is refused.
+
+Crash safety follows from the order: a kill before the receipt is appended leaves the log as it was (the
+input is still the head, and running the request again recomputes the same output); a kill after leaves
+a served id, and running it again on its input redoes it bitwise. Nothing but the receipt is written to
+the log, so the log holds each request once. One request at a time: serving holds an exclusive ``flock``
+on the log file (a second process waits for it, then finds the new head).
+
+Every refusal happens before anything is written and raises :class:`RequestRefused` (a ``ValueError``) or
+:class:`~.guard.RegimeExceeded`, one line each.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import os
+import signal
+import time
+from typing import Callable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, Union
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..durable import atomic_save, crash_budget, crash_point, create_whole, deferred_interrupts
+from ..record import UpdateStore
+from ..record.identity import named_parameters, unwrap_model
+from ..record.sharding import is_sharded
+from ..record.validation import as_id_tensor
+from . import guard, log_format
+from .digest import recording_digest, state_digest
+from .receipt import ALREADY_SERVED, REDONE, SERVED, Receipt
+
+Tensor = torch.Tensor
+State = Mapping[str, Tensor]
+MAX_REQUEST_ID = 200
+
+
+class RequestRefused(ValueError):
+    """A request that cannot be served as given (stale state, ids not recorded, an id reused with other ids,
+    a checkpoint that does not fit the store). Nothing was written."""
+
+
+class RequestLog:
+    """The request log at ``path`` for the recording in ``stores`` (module docstring). The file is created by
+    :meth:`create`, or by the first request served (its input state is then the genesis).
+
+    ``recipe``: how the model was trained (``unlearn-ext train`` stores it), kept in the header of a log this
+    object creates."""
+
+    def __init__(self, path, stores: Union[UpdateStore, Sequence[UpdateStore]], *, recipe: Optional[dict] = None):
+        self.path = os.fspath(path)
+        self.stores = _check_stores(stores)
+        self.recording = recording_digest(self.stores[0])
+        self.recipe = recipe
+        self.dropped: Optional[Tuple[int, int]] = None  # the torn end the last read dropped (offset, nbytes)
+        if os.path.exists(self.path):
+            with self._locked(shared=True):
+                pass  # reads and checks the binding
+
+    @classmethod
+    def create(cls, path, stores, state: Union[nn.Module, State], *, recipe: Optional[dict] = None) -> "RequestLog":
+        """A new log whose genesis is ``state`` (the trained model, or its ``state_dict``);
+        ``FileExistsError`` if ``path`` exists."""
+        log = cls.__new__(cls)
+        log.path, log.stores, log.recipe, log.dropped = os.fspath(path), _check_stores(stores), recipe, None
+        log.recording = recording_digest(log.stores[0])
+        os.close(log._create(state_digest(_state_and_tensors(log.stores, state)[0])))
+        return log
+
+    # -- reading -----------------------------------------------------------------------------------
+    @property
+    def manifest(self):
+        return self.stores[0].manifest
+
+    def header(self) -> dict:
+        with self._locked(shared=True) as contents:
+            return contents.header
+
+    def receipts(self) -> List[Receipt]:
+        """Every served request, in the order served (empty before the first, or without a log file)."""
+        if not os.path.exists(self.path):
+            return []
+        with self._locked(shared=True) as contents:
+            return [Receipt.from_dict(e) for e in contents.entries]
+
+    def undone_steps(self) -> List[int]:
+        """The recorded steps the log's requests have undone, sorted."""
+        return sorted(_undone(r.to_dict() for r in self.receipts()))
+
+    # -- serving -----------------------------------------------------------------------------------
+    def forget(self, target: Union[nn.Module, State], request_id: Optional[str], sample_ids, *,
+               max_undone: Optional[float] = None, audit: Optional[Callable[[State], dict]] = None,
+               commit: Optional[Callable[[State], None]] = None) -> Receipt:
+        """Serve ``request_id`` — forget ``sample_ids`` — on ``target`` in place: a model (its parameters are
+        changed) or a ``state_dict`` (its tensors are). ``request_id`` None names the request by its ids
+        (the same ids are the same request). ``max_undone``: the guard's limit (default:
+        :func:`~.guard.default_limit` of the store's keep ratio). ``audit(state) -> dict`` adds figures of the
+        state before and after to a new request's receipt. ``commit(state)`` makes the output durable before
+        the receipt is logged (:meth:`forget_checkpoint` writes the output checkpoint there). Returns the
+        receipt (module docstring for what is refused)."""
+        ids = _request_ids(sample_ids)
+        request_id = _request_id(request_id, ids)
+        limit = self._limit(max_undone)
+        state, tensors = _state_and_tensors(self.stores, target)
+        start_wall, start = _now(), time.perf_counter()
+        digest_in = state_digest(state)
+        if not os.path.exists(self.path):  # every check first, as if the log held only this genesis
+            empty = log_format.LogContents({"genesis_sha256": digest_in}, [], 0, None)
+            self._plan(empty, request_id, ids, digest_in, limit, max_undone)
+            with contextlib.suppress(FileExistsError):  # another process created it meanwhile: use that one
+                os.close(self._create(digest_in))
+        with self._locked() as contents:
+            plan = self._plan(contents, request_id, ids, digest_in, limit, max_undone)
+            if plan.prior is not None:
+                return self._again(plan.prior, digest_in, state, tensors, commit)
+            new, skipped, undone, fraction = plan.new, plan.skipped, plan.undone, plan.fraction
+            recorded = len(self.stores[0])
+            audited = _Audit(audit)
+            before = audited(state)
+            _apply(self.stores, tensors, new)
+            digest_out = state_digest(state)
+            after = audited(state)
+            if commit is not None:
+                commit(state)
+            crash_point("request-after-commit")
+            receipt = Receipt(request_id=request_id, sample_ids=ids, steps_new=new, steps_skipped=skipped,
+                              undone_steps=len(undone) + len(new), recorded_steps=recorded, fraction_undone=fraction,
+                              limit=limit, limit_source="max_undone" if max_undone is not None else
+                              guard.limit_source(self.manifest.keep_ratio), tier="amnesiac", method=self._method(),
+                              sha256_before=digest_in, sha256_after=digest_out, seconds=0.0,
+                              started_at=start_wall, unlearn_ext=__version__,
+                              audit=None if audit is None else {"before": before, "after": after})
+            receipt.seconds = time.perf_counter() - start - audited.seconds
+            self._append(receipt)
+            return receipt
+
+    def forget_checkpoint(self, checkpoint, out, request_id: Optional[str], sample_ids, *,
+                          max_undone: Optional[float] = None, audit=None) -> Receipt:
+        """:meth:`forget` on the ``state_dict`` saved at ``checkpoint`` (``torch.save(model.state_dict())``; any
+        state whose recorded layers have the store's names, shapes and dtypes), writing the output state to
+        ``out`` atomically and durably before the receipt is logged. ``out`` is written whatever the status
+        (already served: the state given)."""
+        checkpoint, out = os.fspath(checkpoint), os.fspath(out)
+        if os.path.abspath(out) == os.path.abspath(checkpoint):
+            raise RequestRefused("--out must differ from --checkpoint: the input stays as it is, so that a retry "
+                                 "can redo the request from it")
+        state = load_checkpoint(checkpoint)
+        return self.forget(state, request_id, sample_ids, max_undone=max_undone, audit=audit,
+                           commit=lambda s: atomic_save(dict(s), out))
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _plan(self, contents: log_format.LogContents, request_id: str, ids: List[int], digest_in: str, limit: float,
+              max_undone: Optional[float]) -> "_Plan":
+        """What answering the request on ``contents`` takes, or the refusal (module docstring)."""
+        entries = contents.entries
+        prior = next((e for e in entries if e["request_id"] == request_id), None)
+        if prior is not None:
+            if prior["sample_ids"] != ids:
+                raise RequestRefused(f"request id {request_id!r} was served with {len(prior['sample_ids'])} other "
+                                     "id(s); a request id names one set of ids: give this request a new id")
+            return _Plan(prior, [], [], set(), 0.0)
+        head = entries[-1]["sha256_after"] if entries else contents.header["genesis_sha256"]
+        if digest_in != head:
+            raise RequestRefused(f"request {request_id!r}: the given model state {digest_in[:16]}… is not the "
+                                 f"latest model of {self.path} ({head[:16]}…, after {len(entries)} request(s)); "
+                                 "serving it would drop the forgetting done since: pass the latest output")
+        missing = self.stores[0].ids_not_recorded(torch.tensor(ids, dtype=torch.int64))
+        if missing.numel():
+            raise RequestRefused(f"request {request_id!r}: {missing.numel()} of its {len(ids)} id(s) are in no "
+                                 f"recorded training step, e.g. {missing[:5].tolist()}: not training samples of "
+                                 "this recording, so their influence cannot be removed; nothing was done")
+        undone = _undone(entries)
+        steps = self.stores[0].steps_containing(ids)
+        new = [s for s in steps if s not in undone]
+        recorded = len(self.stores[0])
+        fraction = (len(undone) + len(new)) / recorded
+        if new and fraction > limit:
+            source = "--max-undone" if max_undone is not None else guard.limit_source(self.manifest.keep_ratio)
+            raise guard.RegimeExceeded(
+                f"request {request_id!r} would undo {len(new)} more step(s), {len(undone) + len(new)} of "
+                f"{recorded} recorded ({100 * fraction:.2f} %), past the limit of {100 * limit:.2f} % ({source}) "
+                "up to which amnesiac undo was measured to stay within 2 test-accuracy points of retraining; "
+                "nothing was done: retrain without the forgotten ids, or raise the limit (--max-undone / "
+                "max_undone=) knowing the model will lose accuracy", fraction, limit)
+        return _Plan(None, new, [s for s in steps if s in undone], undone, fraction)
+
+    def _again(self, prior: dict, digest_in: str, state: State, tensors, commit) -> Receipt:
+        """A served id asked again (module docstring)."""
+        rid = prior["request_id"]
+        if digest_in == prior["sha256_after"]:
+            status = ALREADY_SERVED
+        elif digest_in == prior["sha256_before"]:
+            backup = {k: t.clone() for k, t in tensors.items()}
+            _apply(self.stores, tensors, prior["steps_new"])
+            digest_out = state_digest(state)
+            if digest_out != prior["sha256_after"]:
+                with deferred_interrupts():
+                    for k, t in tensors.items():
+                        t.copy_(backup[k])
+                raise RuntimeError(f"request {rid!r} redone on its logged input gave {digest_out[:16]}…, not its "
+                                   f"logged output {prior['sha256_after'][:16]}…: the apply was not reproducible "
+                                   "(another backend or thread count?); the state was left as given")
+            status = REDONE
+        else:
+            raise RequestRefused(f"request {rid!r} was served on {prior['sha256_before'][:16]}… giving "
+                                 f"{prior['sha256_after'][:16]}…; the given model state {digest_in[:16]}… is "
+                                 "neither, so it cannot be redone or confirmed")
+        if commit is not None:
+            commit(state)
+        return Receipt.from_dict(prior, status=status)
+
+    def _limit(self, max_undone) -> float:
+        if max_undone is None:
+            return guard.default_limit(self.manifest.keep_ratio)
+        return guard.check_limit("max_undone", max_undone)
+
+    def _method(self) -> str:
+        r = self.manifest.keep_ratio
+        return "amnesiac (dense, no fine-tune)" if r is None else f"partial_amnesiac r={r:g} (no fine-tune)"
+
+    def _create(self, genesis: str) -> int:
+        m = self.manifest
+        header = {"kind": "unlearn_ext request log", "store_fingerprint": m.fingerprint,
+                  "store_keep_ratio": m.keep_ratio, "store_value_dtype": m.value_dtype,
+                  "recording_sha256": self.recording, "recorded_steps": len(self.stores[0]),
+                  "stores": len(self.stores), "genesis_sha256": genesis, "created_at": _now(),
+                  "unlearn_ext": __version__, "recipe": self.recipe}
+        return create_whole(self.path, log_format.header_bytes(header), lambda: FileExistsError(
+            f"{self.path} exists already: a request log is never replaced (open it with RequestLog(path, store))"))
+
+    @contextlib.contextmanager
+    def _locked(self, shared: bool = False) -> Iterator[log_format.LogContents]:
+        """The log read under its ``flock`` (exclusive to serve, shared to read) and checked against the stores."""
+        fd = os.open(self.path, os.O_RDONLY if shared else os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            contents = log_format.read_log(fd, self.path)
+            self._check_binding(contents.header)
+            self.dropped = contents.torn
+            self._fd, self._end = fd, contents.end
+            yield contents
+        finally:
+            self._fd = None
+            os.close(fd)
+
+    def _check_binding(self, header: dict) -> None:
+        m = self.manifest
+        if header.get("store_fingerprint") != m.fingerprint:
+            raise ValueError(f"{self.path} is the request log of a model with fingerprint "
+                             f"{header.get('store_fingerprint')}, but the store holds {m.fingerprint}")
+        if header.get("recording_sha256") != self.recording:
+            raise ValueError(f"{self.path} is the request log of another recording (its steps and sample ids differ "
+                             f"from {self.stores[0]!r}'s: {header.get('recorded_steps')} recorded steps there, "
+                             f"{len(self.stores[0])} here); give the store the log was made for")
+
+    def _append(self, receipt: Receipt) -> None:
+        """Append ``receipt`` under the exclusive lock: cut a torn end off, one write, fsync."""
+        data = log_format.entry_bytes(receipt.to_dict())
+        os.ftruncate(self._fd, self._end)
+        torn = crash_budget("log-entry")
+        if torn is not None:  # the kill tests: a write that stops part-way
+            os.pwrite(self._fd, data[:torn], self._end)
+            os.kill(os.getpid(), signal.SIGKILL)
+        view, done = memoryview(data), 0
+        while done < len(data):
+            done += os.pwrite(self._fd, view[done:], self._end + done)
+        os.fsync(self._fd)
+        self._end += len(data)
+
+
+class _Plan(NamedTuple):
+    """A request's answer: a served id's logged entry (``prior``), or the steps a new one undoes."""
+
+    prior: Optional[dict]
+    new: List[int]
+    skipped: List[int]
+    undone: Set[int]
+    fraction: float
+
+
+class _Audit:
+    """``audit(state)`` when one was given (else None), timing the calls: they are not the request's work."""
+
+    def __init__(self, audit: Optional[Callable[[State], dict]]) -> None:
+        self.audit, self.seconds = audit, 0.0
+
+    def __call__(self, state: State) -> Optional[dict]:
+        if self.audit is None:
+            return None
+        start = time.perf_counter()
+        try:
+            return self.audit(state)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def load_checkpoint(path: str) -> State:
+    """The ``state_dict`` saved at ``path`` (CPU tensors); ``RequestRefused`` naming ``--checkpoint`` if it is
+    missing or not a dict of tensors."""
+    if not os.path.isfile(path):
+        raise RequestRefused(f"--checkpoint: {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (any unreadable file is the same bad input)
+        raise RequestRefused(f"--checkpoint: {path} is not a torch.save file of a state_dict "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                 for k, v in state.items()):
+        raise RequestRefused(f"--checkpoint: {path} does not hold a state_dict (a dict of name → tensor, "
+                             "as torch.save(model.state_dict()) writes)")
+    return state
+
+
+def _check_stores(stores) -> List[UpdateStore]:
+    stores = [stores] if isinstance(stores, UpdateStore) else list(stores)
+    if not stores or not all(isinstance(s, UpdateStore) for s in stores):
+        raise ValueError("stores: give the update store (or every per-rank store of one sharded run)")
+    first = stores[0]
+    for s in stores:
+        if s.manifest is None or len(s) == 0:
+            raise ValueError(f"stores: {s!r} holds no recorded training steps: there is nothing to undo")
+        if s.manifest.fingerprint != first.manifest.fingerprint or s.manifest.keep_ratio != first.manifest.keep_ratio:
+            raise ValueError(f"stores: {s!r} records another model or keep ratio than {first!r}")
+    if len(stores) > 1:
+        digest = recording_digest(first)
+        if any(recording_digest(s) != digest for s in stores[1:]) or any(s.manifest.shards is None for s in stores):
+            raise ValueError("stores: several stores must be the per-rank stores of one sharded run (the same steps "
+                             "and sample ids, each its own blocks)")
+    return stores
+
+
+def _state_and_tensors(stores: List[UpdateStore], target) -> Tuple[State, dict]:
+    """(the state whose digest names ``target``, the tensors the stores apply to), after checking ``target``
+    fits every store."""
+    if isinstance(target, nn.Module):
+        if any(is_sharded(p) for p in target.parameters()):
+            raise RequestRefused("the model's parameters are DTensor shards: serve requests on the unsharded "
+                                 "model or checkpoint (the per-rank stores apply to it together)")
+        for s in stores:
+            try:
+                s.check_model(target)
+            except ValueError as e:
+                raise RequestRefused(str(e)) from None
+        return unwrap_model(target).state_dict(), dict(named_parameters(target))
+    if not isinstance(target, Mapping):
+        raise ValueError(f"target must be a model or a state_dict, got {type(target).__name__}")
+    for s in stores:
+        try:
+            s.check_tensors(target)
+        except ValueError as e:
+            raise RequestRefused(f"--checkpoint does not fit the store: {e}") from None
+    return target, dict(target)
+
+
+def _apply(stores: List[UpdateStore], tensors: dict, steps: List[int]) -> None:
+    """Undo ``steps`` of every store (each rank's blocks) in place, all or nothing across the stores."""
+    if not steps:
+        return
+    if len(stores) == 1:
+        stores[0].apply_to(tensors, steps, alpha=-1.0)
+        return
+    backup = {k: t.clone() for k, t in tensors.items()}
+    try:
+        for s in stores:
+            s.apply_to(tensors, steps, alpha=-1.0)
+    except BaseException:
+        with deferred_interrupts():
+            for k, t in tensors.items():
+                t.copy_(backup[k])
+        raise
+
+
+def _undone(entries) -> Set[int]:
+    undone: Set[int] = set()
+    for e in entries:
+        undone.update(e["steps_new"])
+    return undone
+
+
+def _request_ids(sample_ids) -> List[int]:
+    try:
+        ids = as_id_tensor(sample_ids)
+    except (TypeError, ValueError) as e:
+        raise RequestRefused(f"sample_ids: {e}") from None
+    if ids.numel() == 0:
+        raise RequestRefused("sample_ids: the request holds no id")
+    return torch.unique(ids).tolist()
+
+
+def _request_id(request_id: Optional[str], ids: List[int]) -> str:
+    if request_id is None:
+        return "ids-" + hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
+    if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_REQUEST_ID \
+            or not request_id.isprintable():
+        raise RequestRefused(f"request_id must be a printable string of 1 to {MAX_REQUEST_ID} characters, got "
+                             f"{request_id!r}")
+    return request_id
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+__all__ = ["RequestLog", "RequestRefused", "load_checkpoint"]
