@@ -187,6 +187,20 @@ def test_fsdp2_ranks_record_their_shards_and_unlearn_them(tmp_path):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
+    # `unlearn-ext forget` with both ranks' stores on the unsharded checkpoint: the same model as applying them
+    from unlearn_ext.deletion.commands import forget_main
+
+    checkpoint = _model()
+    checkpoint.load_state_dict(saved["final"])
+    torch.save(checkpoint.state_dict(), tmp_path / "unsharded.pt")
+    forget_ids = torch.cat([dense[0].sample_ids(1)[:1], dense[0].sample_ids(3)[:1]])
+    (tmp_path / "ids.txt").write_text("\n".join(map(str, forget_ids.tolist())))
+    assert sorted(set(dense[0].steps_containing(forget_ids))) == [1, 3]
+    assert forget_main(["--store", str(tmp_path / "dense-rank0.ulx"), "--store", str(tmp_path / "dense-rank1.ulx"),
+                        "--checkpoint", str(tmp_path / "unsharded.pt"), "--ids", str(tmp_path / "ids.txt"),
+                        "--out", str(tmp_path / "forgot.pt"), "--max-undone", "1"]) == 0
+    forgot = torch.load(tmp_path / "forgot.pt")
+    assert all(torch.equal(forgot[n], p.detach()) for n, p in unsharded.named_parameters())
 
 def test_a_sharded_manifest_round_trips_and_a_bad_layout_is_named():
     from unlearn_ext.record import Manifest
@@ -241,3 +255,4 @@ def test_layouts_that_cannot_be_recorded_or_applied_are_refused(tmp_path):
             UpdateRecorder(odd)
     finally:
         dist.destroy_process_group()
+

@@ -1,0 +1,279 @@
+"""``unlearn-ext train`` / ``forget`` / ``requests``: the deletion workflow on the command line.
+
+* ``train`` trains a registry model on a registry data set while recording its updates into a new
+  DiskStore; writes ``torch.save(model.state_dict())`` atomically and creates the store's request log
+  (``STORE.requests``) with the trained state as its genesis and the training recipe in its header.
+* ``forget`` serves one deletion request (:class:`~.log.RequestLog`) on a checkpoint and writes the output
+  checkpoint. Exit 0 when served (or already served, or redone bitwise), 2 on bad input (one line), 3 when
+  the guard refuses (one line naming the fraction and the limit). Nothing is written on a refusal.
+* ``requests`` prints a log's history, one row per request (``--json``: the receipts).
+
+Every argument is checked before any work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from .. import data, models
+from ..durable import atomic_save
+from ..record import DiskStore
+from .guard import RegimeExceeded, check_limit
+from .log import RequestLog, RequestRefused
+from .log_format import read_log
+from .receipt import Receipt, history_table
+
+VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EXIT_BAD_INPUT, EXIT_REFUSED_BY_GUARD, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _fraction(text: str) -> float:
+    try:
+        return check_limit("value", text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
+
+
+def _keep_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if not low <= value < 2 ** 32:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, 2**32), got {value}")
+        return value
+    return parse
+
+
+def read_ids(path: str) -> List[int]:
+    """The sample ids of an ids file: one integer per line (blank lines ignored); ``ValueError`` naming the file
+    and the first bad line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--ids: cannot read {path} ({e.strerror if isinstance(e, OSError) else e})") from None
+    ids = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = int(line.strip())
+        except ValueError:
+            raise ValueError(f"--ids: {path} line {number} is not an integer: {line.strip()[:40]!r}") from None
+        if not 0 <= value < 2 ** 63:
+            raise ValueError(f"--ids: {path} line {number}: {value} is not a sample id (an integer >= 0)")
+        ids.append(value)
+    if not ids:
+        raise ValueError(f"--ids: {path} holds no id")
+    return ids
+
+
+def _new_file(flag: str, path: str) -> None:
+    """``path`` must not exist and its folder must be writable."""
+    if os.path.exists(path):
+        raise ValueError(f"{flag}: {path} exists; it is never overwritten: remove it or choose another path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag}: cannot write {path} ({folder} is not a writable folder)")
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+def train_main(argv=None, prog: str = "unlearn-ext train") -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Train a registry model with its updates recorded, ready "
+                                "for deletion requests (`unlearn-ext forget`).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=data.available_datasets())
+    p.add_argument("--model", required=True, choices=models.available_models())
+    p.add_argument("--root", default=None, help="data root for user-supplied data sets")
+    p.add_argument("--train-size", type=_int_at_least(0), default=0, help="seeded subsample (0: the whole split)")
+    p.add_argument("--epochs", type=_int_at_least(1), default=8)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=128)
+    p.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default: the model's)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0,
+                   help="initialisation, subsample and shuffle order")
+    ratio = p.add_mutually_exclusive_group()
+    ratio.add_argument("--keep-ratio", type=_keep_ratio, default=0.1, help="r: record the top r of each layer's update")
+    ratio.add_argument("--dense", action="store_true", help="record dense updates (naive amnesiac)")
+    p.add_argument("--value-dtype", default="float32", choices=sorted(VALUE_DTYPES))
+    p.add_argument("--store", required=True, help="the update store to create")
+    p.add_argument("--out", required=True, help="the trained state_dict (torch.save) to create")
+    p.add_argument("--no-deterministic", action="store_true",
+                   help="allow non-deterministic kernels (by default a run is bitwise reproducible on the CPU)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    log_path = args.store + ".requests"
+    try:
+        if args.lr is not None and not (args.lr > 0 and args.lr < float("inf")):
+            raise ValueError(f"--lr: expected a positive number, got {args.lr}")
+        for flag, path in (("--store", args.store), ("--out", args.out), ("--store", log_path)):
+            _new_file(flag, path)
+        if os.path.abspath(args.store) == os.path.abspath(args.out):
+            raise ValueError("--out must differ from --store")
+        splits = data.load_dataset(args.dataset, args.root, train_size=args.train_size or None, seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e).splitlines()[0])
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted before training; nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    recipe = {"dataset": splits.name, "root": args.root, "train_size": args.train_size or None, "seed": args.seed,
+              "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
+              "lr": args.lr if args.lr is not None else models.recommended_lr(args.model), "optimizer": "adam",
+              "keep_ratio": None if args.dense else args.keep_ratio, "value_dtype": args.value_dtype,
+              "deterministic": not args.no_deterministic, "threads": torch.get_num_threads(),
+              "input_shape": list(splits.input_shape), "num_classes": splits.num_classes}
+    try:
+        model, store, seconds = _train(splits, recipe, args.store, progress=not args.no_progress)
+        atomic_save(model.state_dict(), args.out)
+        RequestLog.create(log_path, store, model, recipe=recipe)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {args.out} not written (the store {args.store} holds the steps recorded so far "
+              "and is not usable for this run: remove it)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"trained {args.model} on {len(splits.train)} {splits.name} images for {args.epochs} epoch(s) in "
+          f"{seconds:.1f} s; recorded {len(store)} steps ({store.nbytes():,} bytes) into {args.store}; wrote "
+          f"{args.out} and the request log {log_path}")
+    return 0
+
+
+def _train(splits, recipe: dict, store_path: str, progress: bool):
+    """Train as ``recipe`` says, recording into a new DiskStore at ``store_path``: (model, store, seconds)."""
+    from ..record import UpdateRecorder
+    from ..train import TrainConfig, train
+
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(recipe["deterministic"] or was_deterministic)
+    try:
+        torch.manual_seed(recipe["seed"])
+        model = models.make_model(recipe["model"], splits.input_shape, splits.num_classes)
+        cfg = TrainConfig(epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+                          seed=recipe["seed"])
+        store = DiskStore(store_path)
+        rec = UpdateRecorder(model, keep_ratio=recipe["keep_ratio"], store=store,
+                             value_dtype=VALUE_DTYPES[recipe["value_dtype"]])
+        loader = data.loader(splits.train, recipe["batch_size"], shuffle=True, seed=recipe["seed"])
+        start = time.perf_counter()
+        train(model, loader, cfg, recorders=[rec], progress="train" if progress else None)
+        store.close()
+        return model, store, time.perf_counter() - start
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+# ----------------------------------------------------------------------------------------------- forget
+
+def forget_main(argv=None, prog: str = "unlearn-ext forget") -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Serve one deletion request: undo the recorded steps that "
+                                "hold the ids (each step once across the log's requests) and write the output "
+                                "checkpoint. Exit 0: served or already served; 2: bad input; 3: refused by the "
+                                "regime guard.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--store", required=True, action="append",
+                   help="the update store (repeat for every per-rank store of a sharded run)")
+    p.add_argument("--checkpoint", required=True, help="the input state_dict: the log's latest model")
+    p.add_argument("--ids", required=True, help="a file of sample ids, one integer per line")
+    p.add_argument("--out", required=True, help="the output state_dict to write")
+    p.add_argument("--request-id", default=None, help="names the request (default: derived from its ids)")
+    p.add_argument("--max-undone", type=_fraction, default=None,
+                   help="the guard's limit on the fraction of recorded steps undone (default: from the measured "
+                        "regime of the store's keep ratio)")
+    p.add_argument("--log", default=None, help="the request log (default: the first store's path + .requests)")
+    p.add_argument("--dataset", default=None, choices=data.available_datasets(),
+                   help="audit: accuracy and membership figures before and after, on this data set")
+    p.add_argument("--model", default=None, choices=models.available_models(),
+                   help="audit: the registry model (default: the log's recipe)")
+    p.add_argument("--root", default=None, help="audit: data root")
+    p.add_argument("--json", action="store_true", help="print the receipt as JSON")
+    args = p.parse_args(argv)
+    try:
+        ids = read_ids(args.ids)
+        if args.request_id is not None and (not args.request_id or not args.request_id.isprintable()):
+            raise ValueError(f"--request-id must be printable and non-empty, got {args.request_id!r}")
+        for path in args.store:
+            if not os.path.isfile(path):
+                raise ValueError(f"--store: {path} does not exist")
+        stores = [DiskStore(path) for path in args.store]
+        log = RequestLog(args.log or args.store[0] + ".requests", stores)
+        audit = _audit(args, log, ids) if args.dataset else None
+        receipt = log.forget_checkpoint(args.checkpoint, args.out, args.request_id, ids,
+                                        max_undone=args.max_undone, audit=audit)
+    except RegimeExceeded as e:
+        print(f"{prog}: refused: {e}", file=sys.stderr)
+        return EXIT_REFUSED_BY_GUARD
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        p.error(str(e).splitlines()[0])
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the request was not logged (run the same command again to serve it)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(json.dumps(receipt.to_dict() | {"status": receipt.status}, indent=1) if args.json else receipt.summary())
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _audit(args, log: RequestLog, ids: List[int]):
+    """The audit of ``--dataset`` (the data split as the log's recipe trained on it, when the log has one)."""
+    from .audit import Audit
+
+    recipe = log.header().get("recipe") if os.path.exists(log.path) else None
+    recipe = recipe or {}
+    model = args.model or recipe.get("model")
+    if model is None:
+        raise ValueError("--model: the audit needs the registry model (this log has no training recipe)")
+    splits = data.load_dataset(args.dataset, args.root or recipe.get("root"), train_size=recipe.get("train_size"),
+                               seed=recipe.get("seed", 0))
+    return Audit(splits, model, ids, seed=recipe.get("seed", 0))
+
+
+# --------------------------------------------------------------------------------------------- requests
+
+def requests_main(argv=None, prog: str = "unlearn-ext requests") -> int:
+    p = argparse.ArgumentParser(prog=prog, description="The history of a request log: one row per served request.")
+    p.add_argument("--log", required=True, help="the request log (STORE.requests)")
+    p.add_argument("--json", action="store_true", help="print the header and every receipt as JSON")
+    args = p.parse_args(argv)
+    try:
+        header, receipts, torn = read_receipts(args.log)
+    except (ValueError, OSError) as e:
+        p.error(str(e).splitlines()[0])
+    if args.json:
+        print(json.dumps({"header": header, "requests": [r.to_dict() for r in receipts]}, indent=1))
+        return 0
+    print(f"{args.log}: {len(receipts)} request(s) on a recording of {header.get('recorded_steps')} steps "
+          f"(model {header.get('store_fingerprint')}, keep ratio {header.get('store_keep_ratio')}); genesis "
+          f"{str(header.get('genesis_sha256'))[:12]}")
+    if receipts:
+        print(history_table(receipts))
+    if torn is not None:
+        print(f"(a torn end of {torn[1]} bytes at byte {torn[0]} was not read: a request that was not acknowledged)")
+    return 0
+
+
+def read_receipts(path: str):
+    """``(header, receipts, torn end)`` of the log at ``path``, without a store (read-only)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        contents = read_log(fd, path)
+    finally:
+        os.close(fd)
+    return contents.header, [Receipt.from_dict(e) for e in contents.entries], contents.torn
+
+
+__all__ = ["forget_main", "read_ids", "read_receipts", "requests_main", "train_main"]
