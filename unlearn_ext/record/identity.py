@@ -3,7 +3,9 @@
 
 A store refuses a model whose fingerprint differs from its manifest's, naming the first layer that
 differs; a manifest read from a file is checked field by field, since every record is interpreted
-through it.
+through it. A manifest made from a model (:meth:`Manifest.from_model`, by the recorder and the storage
+planner) refuses what could never be applied: a recorded parameter that is not float32, float16 or
+bfloat16, or one of more than 2**31 − 1 elements — before anything is recorded or written.
 
 Layers are named as in the plain model whatever wraps it (:func:`named_parameters`): DDP's and
 DataParallel's ``module.`` and torch.compile's ``_orig_mod.`` (of a compiled model or a compiled
@@ -92,12 +94,23 @@ class Manifest:
     @classmethod
     def from_model(cls, model: nn.Module, keep_ratio: Optional[float] = None,
                    value_dtype: torch.dtype = torch.float32) -> "Manifest":
+        """The manifest of recording ``model``'s trainable parameters. ``ValueError`` for a recording that
+        could never be used: a parameter in a dtype the ops cannot apply updates to (float32, float16 and
+        bfloat16 are supported) or of more than 2**31 − 1 elements (in the recorded block, if sharded)."""
         if value_dtype not in VALUE_DTYPES:
             raise ValueError(f"value_dtype must be one of {', '.join(map(str, VALUE_DTYPES))}, got {value_dtype}")
         named = trainable_parameters(model)
         if not named:
             raise ValueError("the model has no trainable parameters to record")
+        for name, p in named:
+            if p.dtype not in checks.FLOAT_DTYPES:
+                raise ValueError(f"parameter {name!r} has dtype {p.dtype}: its updates could never be applied; "
+                                 f"recorded parameters must be {', '.join(map(str, checks.FLOAT_DTYPES))} (convert "
+                                 "the model, e.g. model.float(), or freeze the parameter)")
         shards, shapes = layout_of(named)
+        for name, shape in zip((n for n, _ in named), shapes):
+            if _numel(shape) > checks.MAX_NUMEL:
+                raise ValueError(f"parameter {name!r} has {_numel(shape)} elements; {_TOO_MANY}")
         return cls(tuple(n for n, _ in named), tuple(shapes), tuple(dtype_name(p.dtype) for _, p in named),
                    None if keep_ratio is None else float(keep_ratio), dtype_name(value_dtype),
                    model_fingerprint(model), shards)
@@ -109,13 +122,7 @@ class Manifest:
 
     @property
     def numels(self) -> List[int]:
-        out = []
-        for shape in self.shapes:
-            n = 1
-            for d in shape:
-                n *= d
-            out.append(n)
-        return out
+        return [_numel(shape) for shape in self.shapes]
 
     @property
     def torch_value_dtype(self) -> torch.dtype:
@@ -179,6 +186,16 @@ class Manifest:
         return cls(tuple(names), tuple(shapes), tuple(dtypes), keep_ratio, value_dtype, fingerprint, shards)
 
 
+_TOO_MANY = "at most 2**31 - 1 are supported (indices are int32)"
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -197,11 +214,8 @@ def _layer_shape(layer: dict, i: int, bad) -> Tuple[int, ...]:
     shape = layer["shape"]
     if not isinstance(shape, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
         raise bad(f"layers[{i}].shape", f"must be a list of non-negative integers, got {_short(shape)}")
-    numel = 1
-    for s in shape:
-        numel *= s
-    if numel > checks.MAX_NUMEL:
-        raise bad(f"layers[{i}].shape", f"has {numel} elements; at most 2**31 - 1 are supported")
+    if _numel(shape) > checks.MAX_NUMEL:
+        raise bad(f"layers[{i}].shape", f"has {_numel(shape)} elements; {_TOO_MANY}")
     return tuple(shape)
 
 
