@@ -3,7 +3,8 @@
 * :func:`atomic_write` / :func:`atomic_save` — write a temporary file beside the target, fsync it, rename it
   over the target and fsync the folder. A reader (or a process started after a crash) finds either the old
   file or the whole new one, never a torn one; a failed write (a full disk) leaves the old file as it was and
-  removes the temporary one.
+  removes the temporary one. The temporary files of the same target left by processes that died (killed
+  before they could rename) are removed by the next write.
 * :func:`create_whole` — create a file that did not exist with its first bytes, never replacing one that does:
   the bytes are written aside, fsynced and hard-linked to the path, so the file is either absent or whole, and
   of two processes creating the same path one wins and the other gets ``FileExistsError``. On a file system
@@ -50,7 +51,9 @@ def atomic_write(path: PathLike, write: Union[bytes, Callable[[object], None]]) 
     atomically and durably (module docstring)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}.{next(_TEMP_IDS)}")
+    prefix = f".{os.path.basename(path)}.tmp"
+    _remove_dead_temps(folder, prefix)
+    tmp = os.path.join(folder, f"{prefix}{os.getpid()}.{next(_TEMP_IDS)}")
     try:
         with open(tmp, "xb") as f:
             if isinstance(write, (bytes, bytearray, memoryview)):
@@ -68,6 +71,27 @@ def atomic_write(path: PathLike, write: Union[bytes, Callable[[object], None]]) 
             pass  # never created, or already renamed
         raise
     fsync_folder(folder)
+
+
+def _remove_dead_temps(folder: str, prefix: str) -> None:
+    """Remove ``<prefix><pid>.<n>`` files of ``folder`` whose writer process no longer exists."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            pid = name[len(prefix):].split(".")[0]
+            if not (name.startswith(prefix) and pid.isdigit()) or _alive(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def create_whole(path: PathLike, data: bytes, lost: Callable[[], Exception]) -> int:
@@ -183,12 +207,13 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def crash_budget(name: str) -> Optional[int]:
-    """``n`` when the environment says ``<name>:<n>``: the test wants the process killed after ``n`` bytes of
-    the write named ``name`` (a torn write); else None."""
-    spec = os.environ.get(CRASH_ENV, "")
-    point, _, n = spec.partition(":")
-    return int(n) if point == name and n.isdigit() else None
+def crash_budget(name: str, size: int) -> Optional[int]:
+    """``n`` when the environment says ``<name>:<n>``: the test wants the process killed after ``n`` of the
+    ``size`` bytes of the write named ``name`` (a torn write; a negative ``n`` counts from the end); else None."""
+    point, _, n = os.environ.get(CRASH_ENV, "").partition(":")
+    if point != name or not n.lstrip("-").isdigit():
+        return None
+    return int(n) % size if int(n) < 0 else min(int(n), size)
 
 
 @contextlib.contextmanager

@@ -16,20 +16,18 @@ import argparse
 import json
 import os
 import sys
-import time
-from typing import List, Optional
+from typing import List
 
-import torch
 
 from .. import data, models
 from ..durable import atomic_save
 from ..record import DiskStore
 from .guard import RegimeExceeded, check_limit
-from .log import RequestLog, RequestRefused
+from .log import RequestLog
 from .log_format import read_log
 from .receipt import Receipt, history_table
+from .recipe import VALUE_DTYPES, make_recipe, train_recorded
 
-VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 EXIT_BAD_INPUT, EXIT_REFUSED_BY_GUARD, EXIT_INTERRUPTED = 2, 3, 130
 
 
@@ -134,14 +132,12 @@ def train_main(argv=None, prog: str = "unlearn-ext train") -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted before training; nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    recipe = {"dataset": splits.name, "root": args.root, "train_size": args.train_size or None, "seed": args.seed,
-              "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
-              "lr": args.lr if args.lr is not None else models.recommended_lr(args.model), "optimizer": "adam",
-              "keep_ratio": None if args.dense else args.keep_ratio, "value_dtype": args.value_dtype,
-              "deterministic": not args.no_deterministic, "threads": torch.get_num_threads(),
-              "input_shape": list(splits.input_shape), "num_classes": splits.num_classes}
+    recipe = make_recipe(splits, args.model, root=args.root, train_size=args.train_size or None, seed=args.seed,
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         keep_ratio=None if args.dense else args.keep_ratio, value_dtype=args.value_dtype,
+                         deterministic=not args.no_deterministic)
     try:
-        model, store, seconds = _train(splits, recipe, args.store, progress=not args.no_progress)
+        model, store, seconds = train_recorded(splits, recipe, args.store, progress=not args.no_progress)
         atomic_save(model.state_dict(), args.out)
         RequestLog.create(log_path, store, model, recipe=recipe)
     except KeyboardInterrupt:
@@ -152,30 +148,6 @@ def train_main(argv=None, prog: str = "unlearn-ext train") -> int:
           f"{seconds:.1f} s; recorded {len(store)} steps ({store.nbytes():,} bytes) into {args.store}; wrote "
           f"{args.out} and the request log {log_path}")
     return 0
-
-
-def _train(splits, recipe: dict, store_path: str, progress: bool):
-    """Train as ``recipe`` says, recording into a new DiskStore at ``store_path``: (model, store, seconds)."""
-    from ..record import UpdateRecorder
-    from ..train import TrainConfig, train
-
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(recipe["deterministic"] or was_deterministic)
-    try:
-        torch.manual_seed(recipe["seed"])
-        model = models.make_model(recipe["model"], splits.input_shape, splits.num_classes)
-        cfg = TrainConfig(epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
-                          seed=recipe["seed"])
-        store = DiskStore(store_path)
-        rec = UpdateRecorder(model, keep_ratio=recipe["keep_ratio"], store=store,
-                             value_dtype=VALUE_DTYPES[recipe["value_dtype"]])
-        loader = data.loader(splits.train, recipe["batch_size"], shuffle=True, seed=recipe["seed"])
-        start = time.perf_counter()
-        train(model, loader, cfg, recorders=[rec], progress="train" if progress else None)
-        store.close()
-        return model, store, time.perf_counter() - start
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
 
 
 # ----------------------------------------------------------------------------------------------- forget

@@ -49,7 +49,7 @@ from ..record.sharding import is_sharded
 from ..record.validation import as_id_tensor
 from . import guard, log_format
 from .digest import recording_digest, state_digest
-from .receipt import ALREADY_SERVED, REDONE, SERVED, Receipt
+from .receipt import ALREADY_SERVED, REDONE, Receipt
 
 Tensor = torch.Tensor
 State = Mapping[str, Tensor]
@@ -153,6 +153,7 @@ class RequestLog:
                               audit=None if audit is None else {"before": before, "after": after})
             receipt.seconds = time.perf_counter() - start - audited.seconds
             self._append(receipt)
+            crash_point("request-after-log")
             return receipt
 
     def forget_checkpoint(self, checkpoint, out, request_id: Optional[str], sample_ids, *,
@@ -278,7 +279,7 @@ class RequestLog:
         """Append ``receipt`` under the exclusive lock: cut a torn end off, one write, fsync."""
         data = log_format.entry_bytes(receipt.to_dict())
         os.ftruncate(self._fd, self._end)
-        torn = crash_budget("log-entry")
+        torn = crash_budget("log-entry", len(data))
         if torn is not None:  # the kill tests: a write that stops part-way
             os.pwrite(self._fd, data[:torn], self._end)
             os.kill(os.getpid(), signal.SIGKILL)
