@@ -1,10 +1,13 @@
 """``unlearn-ext plan``: the bytes a recording of a registered model will take, before training.
 
 Prints, for dense and partial recording (and each with only-ids recording when ``--only-fraction`` is
-given), the bytes of one recorded step and of the whole store, measured by the store's own encoder on a
+given), the bytes of one recorded step and of the whole store, as the store's own accounting counts a
 representative update (:mod:`unlearn_ext.record.planner`), and whether each fits in the free space of
-``--store-dir``. The model is built on the meta device, so planning a large one allocates only its
-update once. Bad arguments print one error line and exit with status 2.
+``--store-dir``. The model is built on the meta device and the plan computed from the layers' sizes, so a
+model larger than memory, or a batch of billions of samples, plans in seconds without allocating them.
+Every argument is checked before the model is built; a bad one — malformed, out of range, a size the
+record format cannot hold, or a model that could never be recorded (a layer of 2**31 elements or more) —
+prints one error line and exits with status 2.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 
 from .models import available_models, make_model
 from .record.identity import VALUE_DTYPES, dtype_name
-from .record.planner import plan_storage
+from .record.planner import plan_arguments, plan_storage
 
 
 def main(argv=None, prog=None) -> int:
@@ -40,15 +43,25 @@ def main(argv=None, prog=None) -> int:
     except ValueError:
         parser.error(f"--input-shape: expected C,H,W integers, got {args.input_shape!r}")
     try:
-        with torch.device("meta"):
-            model = make_model(args.model, shape, args.num_classes)
-        plan = plan_storage(model, args.steps, args.batch_size, args.keep_ratio, getattr(torch, args.value_dtype),
-                            args.only_fraction)
+        steps, batch_size, keep_ratio, only_fraction = plan_arguments(args.steps, args.batch_size, args.keep_ratio,
+                                                                      args.only_fraction)
     except ValueError as e:
         parser.error(str(e))
     try:
         free = shutil.disk_usage(args.store_dir).free
     except OSError as e:
         parser.error(f"--store-dir: cannot read the free space of {args.store_dir!r} ({e.strerror})")
+    try:
+        with torch.device("meta"):
+            model = make_model(args.model, shape, args.num_classes)
+    except ValueError as e:
+        parser.error(str(e))
+    except (TypeError, RuntimeError, OverflowError) as e:  # sizes torch cannot represent, even on meta
+        parser.error(f"--input-shape/--num-classes: {args.model} cannot be built for inputs of shape "
+                     f"{tuple(shape)} and {args.num_classes} classes ({str(e).splitlines()[0]})")
+    try:
+        plan = plan_storage(model, steps, batch_size, keep_ratio, getattr(torch, args.value_dtype), only_fraction)
+    except ValueError as e:  # a model that could never be recorded
+        parser.error(str(e))
     print(plan.table(free, args.store_dir))
     return 0

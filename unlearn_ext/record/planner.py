@@ -1,13 +1,23 @@
 """How many bytes a recording will take, known before training: :func:`plan_storage` (issue 18).
 
-The bytes of a recorded step come from the store itself, not from a formula that could drift from it:
-a representative update of the model — every trainable entry changed — is appended, dense or as its
-layer-wise top-k at the keep ratio, to a :class:`~.store.MemoryStore` bound to the model's manifest, with
-the ids of one batch. The store's byte accounting is that of the on-disk format (a closed DiskStore file
-has exactly :meth:`~.store.UpdateStore.nbytes` bytes), so it gives one record's bytes and the file's own
-(header, manifest, trailer). Real updates sometimes leave entries exactly unchanged (a dead ReLU unit, an
-unused embedding row); the store drops those where that is smaller, so the plan is an upper bound, met
-exactly when every entry moves (or only a few per layer do not).
+The bytes of a recorded step come from the store's own accounting, not from a formula that could drift
+from it: a store counts a record as :func:`~.disk_format.record_overhead` of its ids and layers plus
+:func:`~.encoding.nbytes_by_kind` of the kinds and counts its encoder chose, and the file beside its
+records as :func:`~.disk_format.file_overhead` of the manifest (a closed DiskStore file has exactly
+:meth:`~.store.UpdateStore.nbytes` bytes). The plan applies these functions to a representative update —
+every trainable entry changed, dense or as its layer-wise top-k at the keep ratio — whose encoding is
+known from its counts alone: each layer keeps all its entries (dense) or :func:`~unlearn_ext.ops.keep_count`
+of them (what :func:`~unlearn_ext.ops.layerwise_topk` selects), none of them zero, so the encoder picks
+:func:`~.encoding.choose_kind` of that count. Nothing the size of a layer or of a batch is allocated: a
+model on the meta device, larger than memory, with a batch of billions of samples, plans in milliseconds.
+Real updates sometimes leave entries exactly unchanged (a dead ReLU unit, an unused embedding row); the
+store drops those where that is smaller, so the plan is an upper bound, met exactly when every entry
+moves (or only a few per layer do not).
+
+What no recording could hold or use is refused (``ValueError``) as the recorder would refuse it: the
+manifest of :meth:`~.identity.Manifest.from_model` (a parameter dtype the ops cannot apply updates to, a
+layer of 2**31 elements or more), and batches or step counts beyond the record format (a record stores
+its id count as uint32 and its step as int64).
 
 Only-ids recording (``UpdateRecorder(only_ids=...)``: only batches holding a deletable sample are
 recorded): with a fraction f of the samples deletable, each recorded step costs the same, and a batch of
@@ -23,10 +33,13 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .. import ops
-from ..ops import checks
+from ..ops import checks, keep_count
+from .disk_format import file_overhead, record_overhead
+from .encoding import choose_kind, nbytes_by_kind
 from .identity import Manifest
-from .store import MemoryStore
+
+MAX_STEPS = 2**63  # steps 0 .. 2**63 - 1: a record stores its step as int64
+MAX_BATCH_SIZE = 2**32 - 1  # a record stores its number of sample ids as uint32
 
 
 @dataclass(frozen=True)
@@ -77,33 +90,41 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _count(name: str, value) -> int:
+def _count(name: str, value, most: int, most_text: str, why: str) -> int:
     try:
         number = operator.index(value)
     except TypeError:
         number = 0
-    if isinstance(value, bool) or number < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(value, bool) or not 1 <= number <= most:
+        raise ValueError(f"{name} must be an integer >= 1 and <= {most_text} ({why}), got {value!r}")
     return number
+
+
+def plan_arguments(steps, batch_size, keep_ratio=None,
+                   only_fraction=None) -> Tuple[int, int, Optional[float], Optional[float]]:
+    """The numbers of :func:`plan_storage`, checked before any model is looked at: ``ValueError`` naming
+    the first one that is malformed or beyond what a recording can hold."""
+    steps = _count("steps", steps, MAX_STEPS, "2**63", "a record stores its step as int64")
+    batch_size = _count("batch_size", batch_size, MAX_BATCH_SIZE, str(MAX_BATCH_SIZE),
+                        "a record stores its number of sample ids as uint32")
+    if keep_ratio is not None:
+        keep_ratio = checks.ratio("keep_ratio", keep_ratio)
+    if only_fraction is not None:
+        only_fraction = checks.ratio("only_fraction", only_fraction)
+    return steps, batch_size, keep_ratio, only_fraction
 
 
 def record_nbytes(model: nn.Module, batch_size: int, keep_ratio: Optional[float],
                   value_dtype: torch.dtype) -> Tuple[int, int]:
-    """``(bytes of one recorded step, bytes of the file beside its records)`` of a recording of ``model``,
-    measured by the store on a representative update (module docstring). ``model`` may be on the meta
+    """``(bytes of one recorded step, bytes of the file beside its records)`` of a recording of ``model``:
+    the store's accounting of a representative update (module docstring). ``model`` may be on the meta
     device: only its parameters' names, shapes and dtypes are read."""
     manifest = Manifest.from_model(model, keep_ratio, value_dtype)
-    layers = [torch.ones(shape, dtype=getattr(torch, dtype)) for shape, dtype in zip(manifest.shapes, manifest.dtypes)]
-    if keep_ratio is None:
-        values, indices = torch.cat([t.reshape(-1) for t in layers]), None
-        offsets = torch.tensor([0] + manifest.numels, dtype=torch.int64).cumsum(0)
-    else:
-        values, indices, offsets = ops.layerwise_topk(layers, keep_ratio)
-    store = MemoryStore()
-    store.bind(manifest)
-    store.append(0, torch.arange(batch_size), values, indices, offsets, validate=False)
-    (per_step,) = store.record_nbytes()
-    return per_step, store.nbytes() - per_step
+    numels = manifest.numels
+    counts = numels if keep_ratio is None else [keep_count(n, keep_ratio) for n in numels]
+    kinds = [choose_kind(k, n) for k, n in zip(counts, numels)]
+    payload = nbytes_by_kind(kinds, counts, numels, manifest.torch_value_dtype.itemsize)
+    return record_overhead(batch_size, len(numels)) + sum(payload.values()), file_overhead(manifest)
 
 
 def plan_storage(model: nn.Module, steps: int, batch_size: int, keep_ratio: Optional[float] = None,
@@ -111,11 +132,7 @@ def plan_storage(model: nn.Module, steps: int, batch_size: int, keep_ratio: Opti
     """The bytes of recording ``steps`` optimizer steps of ``batch_size`` samples of ``model``: dense, and
     partial at ``keep_ratio`` when given; each also with only-ids recording when ``only_fraction`` (the
     fraction of samples declared deletable) is given. Bad arguments raise ``ValueError`` naming them."""
-    steps, batch_size = _count("steps", steps), _count("batch_size", batch_size)
-    if keep_ratio is not None:
-        keep_ratio = checks.ratio("keep_ratio", keep_ratio)
-    if only_fraction is not None:
-        only_fraction = checks.ratio("only_fraction", only_fraction)
+    steps, batch_size, keep_ratio, only_fraction = plan_arguments(steps, batch_size, keep_ratio, only_fraction)
     manifest = Manifest.from_model(model, keep_ratio, value_dtype)
     ways: List[Tuple[str, Optional[float]]] = [("dense", None)]
     if keep_ratio is not None:
@@ -125,11 +142,12 @@ def plan_storage(model: nn.Module, steps: int, batch_size: int, keep_ratio: Opti
         per_step, overhead = record_nbytes(model, batch_size, ratio, value_dtype)
         rows.append(PlanRow(label, per_step, steps, overhead + steps * per_step))
     if only_fraction is not None:
-        recorded = round(steps * (1.0 - (1.0 - only_fraction) ** batch_size))
+        # min: the float product rounds up to 2**63 near the largest step counts
+        recorded = min(steps, round(steps * (1.0 - (1.0 - only_fraction) ** batch_size)))
         rows += [PlanRow(f"{r.recording}, only ids f={only_fraction:g}", r.bytes_per_step, recorded,
                          r.total_bytes - (steps - recorded) * r.bytes_per_step) for r in list(rows)]
     return StoragePlan(steps, batch_size, manifest.value_dtype, sum(manifest.numels), manifest.dense_nbytes(),
                        tuple(rows))
 
 
-__all__ = ["PlanRow", "StoragePlan", "plan_storage", "record_nbytes"]
+__all__ = ["MAX_BATCH_SIZE", "MAX_STEPS", "PlanRow", "StoragePlan", "plan_arguments", "plan_storage", "record_nbytes"]
