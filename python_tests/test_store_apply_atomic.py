@@ -170,3 +170,15 @@ def test_a_state_dict_that_does_not_fit_the_manifest_is_refused_naming_the_layer
     with pytest.raises(ValueError, match=message):
         DiskStore(path).apply_to(state, [1])
     assert all(torch.equal(kept[k], v) for k, v in state.items())
+
+
+def test_a_step_the_record_format_cannot_hold_is_refused_before_anything_is_written(tmp_path):
+    store = DiskStore(tmp_path / "s.ulx")
+    _train(store)
+    store.flush()
+    size = (tmp_path / "s.ulx").stat().st_size
+    numels = store.manifest.numels
+    with pytest.raises(ValueError, match=r"step must be an integer in \[0, 2\*\*63\)"):
+        store.append(2**63, [1], torch.zeros(sum(numels)), None, torch.tensor([0] + numels).cumsum(0))
+    store.flush()
+    assert len(store) == N_STEPS and (tmp_path / "s.ulx").stat().st_size == size

@@ -37,9 +37,9 @@ from ..ops import checks, keep_count
 from .disk_format import file_overhead, record_overhead
 from .encoding import choose_kind, nbytes_by_kind
 from .identity import Manifest
+from .validation import MAX_IDS_PER_STEP, MAX_STEPS
 
-MAX_STEPS = 2**63  # steps 0 .. 2**63 - 1: a record stores its step as int64
-MAX_BATCH_SIZE = 2**32 - 1  # a record stores its number of sample ids as uint32
+MAX_BATCH_SIZE = MAX_IDS_PER_STEP
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from . import encoding, sharding
 from .disk_format import file_overhead, record_overhead
 from .encoding import KIND_NAMES, Encoded
 from .identity import Manifest, describe_difference, dtype_name, model_fingerprint, model_layers, named_parameters
-from .validation import as_id_tensor, as_step, check_update
+from .validation import MAX_IDS_PER_STEP, as_id_tensor, as_step, check_update
 
 Tensor = torch.Tensor
 
@@ -123,6 +123,8 @@ class UpdateStore:
         if self._recs and step <= self._recs[-1].step:
             raise ValueError(f"steps must increase: got {step} after {self._recs[-1].step}")
         ids = as_id_tensor(sample_ids)
+        if ids.numel() > MAX_IDS_PER_STEP:
+            raise ValueError(f"sample_ids: {ids.numel():,} ids in one step; a record holds at most {MAX_IDS_PER_STEP:,}")
         if validate:
             values, indices, offsets = check_update(m.numels, values, indices, offsets)
         enc = encoding.encode(values, indices, offsets, m.numels, m.torch_value_dtype, drop_zeros=True)

@@ -15,6 +15,9 @@ import torch
 
 from ..ops import checks
 
+MAX_STEPS = 2**63  # steps 0 .. 2**63 - 1: a record stores its step as int64
+MAX_IDS_PER_STEP = 2**32 - 1  # a record stores its number of sample ids as uint32
+
 Tensor = torch.Tensor
 
 
@@ -43,8 +46,8 @@ def as_step(step) -> int:
         step = operator.index(step.item() if isinstance(step, Tensor) else step)
     except TypeError:
         raise ValueError(f"step must be a non-negative integer, got {step!r}") from None
-    if step < 0:
-        raise ValueError(f"step must be a non-negative integer, got {step}")
+    if not 0 <= step < MAX_STEPS:
+        raise ValueError(f"step must be an integer in [0, 2**63) (a record stores it as int64), got {step}")
     return step
 
 
