@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unlearn_ext import cli
-from unlearn_ext.experiment import ExperimentConfig, fraction_of_steps_with_forget, run_experiment
+from unlearn_ext.experiment import ExperimentConfig, fraction_of_steps_with_forget, run_experiment, validate_config
 
 METHODS = ["retrain", "amnesiac", "partial_amnesiac", "partial_optimization", "msg"]
 
@@ -82,8 +82,8 @@ def test_demo_defaults_and_run_keeps_the_papers_protocol(monkeypatch):
     from unlearn_ext.experiment import DEMO, fraction_of_steps_with_forget
 
     seen = []
-    monkeypatch.setattr(cli, "_experiments", lambda todo, out, progress: seen.append(todo) or 0)
-    monkeypatch.setattr(cli, "_prepare", lambda args, out: [cli._config(args, args.seeds[0], out)])
+    monkeypatch.setattr(cli, "_experiments", lambda todo, out, progress, outputs: seen.append(todo) or 0)
+    monkeypatch.setattr(cli, "_prepare", lambda args, out, outputs: [cli._config(args, args.seeds[0], out)])
     cli.main(["demo"])
     cli.main(["run"])
     demo, run = seen[0][0], seen[1][0]
@@ -134,3 +134,36 @@ def test_a_store_left_in_store_dir_is_never_appended_to(tmp_path):
         result = run_experiment(_config(keep_stores=False, **cfg), progress=False)
     stats = result["rows"]["amnesiac"]["stats"]
     assert stats["steps_total"] == math.ceil(result["sizes"]["train"] / 64)  # one epoch: this run's steps only
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32\), got -1"),
+    (dict(seed=2**32), "seed must be an integer"),
+    (dict(seed=True), "seed must be an integer"),
+    (dict(seed=1.0), "seed must be an integer"),
+    (dict(methods=["retrain", "amnesiac", "retrain"]), r"methods: \['retrain'\] selected twice"),
+    (dict(keep_ratios=[0.1, 0.1000001]), "keep_ratios: .* name the row and store r=0.1 more than once"),
+    (dict(method_hparams={"partial_optimization": {"keep_ratio": 0.3}}), "the keep_ratio of partial_optimization"),
+])
+def test_configurations_that_would_crash_late_or_record_wrong_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        validate_config(_config(**kw))
+
+
+def test_results_record_the_forget_set_and_keep_ratios_the_rows_used(monkeypatch):
+    """results.json never records an r, or a forget ratio, that no row used."""
+    from unlearn_ext import metrics
+
+    accuracies_only = metrics.evaluate  # the membership attacks take most of the time and are not read here
+    monkeypatch.setattr(metrics, "evaluate", lambda net, **kw: accuracies_only(net, **{**kw, "lr_mia": False,
+                                                                                        "svc_features": ()}))
+    swept = run_experiment(_config(methods=["retrain", "partial_optimization"], keep_ratio=0.3, keep_ratios=[0.05, 0.2],
+                                   epochs=1, train_size=300, test_size=200, calibrate=False,
+                                   method_hparams={"partial_optimization": {"epochs": 1}}), progress=False)
+    assert (swept["config"]["keep_ratio"], swept["config"]["keep_ratios"]) == (None, [0.05, 0.2])
+    assert [swept["rows"][f"partial_optimization r={r}"]["stats"]["hparams"]["keep_ratio"] for r in ("0.05", "0.2")] \
+        == [0.05, 0.2]
+    whole_class = run_experiment(_config(methods=["retrain"], forget_class=3, epochs=1, train_size=300, test_size=200),
+                                 progress=False)
+    assert {k: whole_class["config"][k] for k in ("forget_class", "forget_ratio", "keep_ratio", "keep_ratios")} == \
+        {"forget_class": 3, "forget_ratio": None, "keep_ratio": None, "keep_ratios": None}

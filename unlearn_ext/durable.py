@@ -11,7 +11,7 @@
   without hard links the path is created exclusively (``O_EXCL``) and written in place — a kill during those
   few bytes then leaves a short file.
 * :class:`FolderLock` — an exclusive ``flock`` on ``<folder>/.unlearn-ext.lock``, held for as long as a run
-  writes into the folder; a second run asking for the same folder is refused at once with
+  writes into the folder; a second run (another process) asking for the same folder is refused at once with
   :class:`FolderInUse` naming the process that holds it. The kernel drops the lock when its holder dies
   (even by ``kill -9``), so a folder is never left locked by a dead run.
 * :func:`crash_point` — where the kill tests stop a process: with ``UNLEARN_EXT_CRASH_AT=<name>`` in its
@@ -28,12 +28,13 @@ import itertools
 import os
 import signal
 import threading
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 
 PathLike = Union[str, os.PathLike]
 LOCK_NAME = ".unlearn-ext.lock"
+_HELD: Dict[str, List] = {}  # the folders this process holds: realpath → [lock file descriptor, holders]
 _TEMP_IDS = itertools.count()
 
 
@@ -151,45 +152,85 @@ class FolderInUse(RuntimeError):
 
 class FolderLock:
     """Exclusive use of ``folder`` by this process while held (module docstring). ``what`` names the folder's
-    role in messages (e.g. ``"--out"``). Use as a context manager, or :meth:`acquire` / :meth:`release`."""
+    role in messages (e.g. ``"--out"``). Use as a context manager, or :meth:`acquire` / :meth:`release`.
 
-    def __init__(self, folder: PathLike, what: str = "folder") -> None:
+    ``join=True`` shares a hold this process already has on the folder (the command line locks the store
+    folder, and the experiment it runs locks it again); the folder is free once every holder has released it.
+    Without it a second hold is refused like another process's (two runs in one process)."""
+
+    def __init__(self, folder: PathLike, what: str = "folder", join: bool = False) -> None:
         self.folder = os.fspath(folder)
         self.what = what
-        self._fd: Optional[int] = None
+        self.join = join
+        self._key: Optional[str] = None
 
     @property
     def path(self) -> str:
         return os.path.join(self.folder, LOCK_NAME)
 
     def acquire(self) -> "FolderLock":
-        if self._fd is not None:
+        if self._key is not None:
             return self
         os.makedirs(self.folder, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise FolderInUse(f"{self.what}: {self.folder} is in use by a live run ({holder}); wait for it to "
-                              "finish or choose another folder") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        self._fd = fd
+        key = os.path.realpath(self.folder)
+        if key in _HELD:
+            if not self.join:
+                raise FolderInUse(f"{self.what}: {self.folder} is in use by a live run (pid {os.getpid()}, this "
+                                  "process); wait for it to finish or choose another folder")
+            _HELD[key][1] += 1
+        else:
+            _HELD[key] = [self._lock_file(), 1]
+        self._key = key
         return self
 
-    def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)  # closing drops the flock
+    def _lock_file(self) -> int:
+        """A descriptor of the folder's lock file, locked. A holder that removes the file while it holds it
+        (to leave an empty folder behind) makes a file opened meanwhile stale: then open the path again."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                st = os.fstat(fd)
+                try:
+                    now = os.stat(self.path)
+                    current = (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+                except FileNotFoundError:
+                    current = False
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise FolderInUse(f"{self.what}: {self.folder} is in use by a live run ({holder}); wait for it to "
+                                  "finish or choose another folder") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if current:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+                return fd
+            os.close(fd)
+
+    def release(self, remove_empty_folder: bool = False) -> None:
+        """Release this hold; the last holder of the process drops the lock — removing the lock file and the
+        folder first when ``remove_empty_folder`` and nothing else is in it."""
+        if self._key is None:
+            return
+        key, self._key = self._key, None
+        entry = _HELD[key]
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _HELD[key]
+        if remove_empty_folder:
+            with contextlib.suppress(OSError):
+                if os.listdir(self.folder) == [LOCK_NAME]:
+                    os.unlink(self.path)  # while held: a run that opened it meanwhile finds it stale
+                    os.rmdir(self.folder)
+        os.close(entry[0])  # closing drops the flock
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._key is not None
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()

@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from . import __version__, build_info, data, metrics, models
 from .methods import available_methods, get_method, unlearn
-from .protocol import (ForgettingTarget, calibrated_run, forgetting_target, forgetting_verdict, method_hparams,
-                       supports_calibration, validation_split)
+from .protocol import (PAPER_PARTIAL_METHODS, ForgettingTarget, calibrated_run, forgetting_target,
+                       forgetting_verdict, method_hparams, supports_calibration, validation_split)
+from .durable import FolderLock
 from .record import DiskStore
 from .train import TrainConfig, train
 
@@ -43,11 +44,15 @@ PAPER_KEEP_RATIOS = (0.01, 0.05, 0.1, 0.2, 0.5)
 VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: The loss-LR attack's folds: a forget set or test half smaller than this cannot be scored at all.
 MIN_FORGET = 10
+#: Seeds are integers in [0, SEED_LIMIT): the membership attacks' folds (scikit-learn's
+#: ``StratifiedKFold(random_state=seed)``, numpy's legacy generator) accept no other.
+SEED_LIMIT = 2**32
 
 
 @dataclass
 class ExperimentConfig:
-    """Every knob of one experiment; stored in results.json (with the sizes actually used)."""
+    """Every knob of one experiment; stored in results.json as used (the sizes, the forget set's kind and the
+    keep ratios the rows read: a value no row used is recorded as None)."""
 
     dataset: str = "auto"  # "auto": Fashion-MNIST when installed, else scikit-learn digits
     root: Optional[str] = None
@@ -110,6 +115,17 @@ def _environment() -> dict:
             "build": build_info()}
 
 
+def reads_keep_ratio(method: str) -> bool:
+    """Whether a method's rows depend on the keep ratio r: the paper's partial methods (r of their optimizer)
+    and partial amnesiac (r of its recording)."""
+    return method in PAPER_PARTIAL_METHODS or get_method(method).record_keep_ratio is not None
+
+
+def ratio_tag(r: float) -> str:
+    """How a keep ratio appears in row names (``"<method> r=<tag>"``) and store file names."""
+    return f"{r:g}"
+
+
 def _weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of every parameter and buffer's bytes: two runs agree bitwise iff their digests agree."""
     h = hashlib.sha256()
@@ -133,15 +149,24 @@ def _ratio(name: str, value, upper_open: bool) -> None:
         raise ValueError(f"{name} must be a number in (0, 1{')' if upper_open else ']'}, got {value!r}")
 
 
+def _twice(values) -> list:
+    """The values that occur more than once."""
+    return sorted({v for v in values if list(values).count(v) > 1})
+
+
 def validate_config(cfg: ExperimentConfig) -> None:
-    """Every check that needs no data, before any work starts: method names, per-method hyper-parameters
-    (names, and that the method accepts them), numeric ranges, the model name and the value dtype. A bad value
-    raises ``ValueError`` naming the field."""
+    """Every check that needs no data, before any work starts: method names (each once), per-method
+    hyper-parameters (names, and that the method accepts them; a partial method's keep_ratio is the
+    configuration's), numeric ranges, the seed, keep ratios that name distinct rows and stores, the model name,
+    the value dtype, and that a kept ``store_dir`` holds no store at a path this run records to. A bad value
+    raises ``ValueError`` naming the field; an existing kept store ``FileExistsError`` naming its path."""
     unknown = sorted(set(cfg.methods) - set(available_methods()))
     if unknown:
         raise ValueError(f"methods: unknown method(s) {unknown}; available: {available_methods()}")
     if not cfg.methods:
         raise ValueError("methods: no method selected")
+    if _twice(cfg.methods):
+        raise ValueError(f"methods: {_twice(cfg.methods)} selected twice (one row and one store each)")
     if not isinstance(cfg.method_hparams, dict) or not all(isinstance(v, dict) for v in cfg.method_hparams.values()):
         raise ValueError("method_hparams must map method names to {hyper-parameter: value} objects, got "
                          f"{cfg.method_hparams!r}")
@@ -150,6 +175,9 @@ def validate_config(cfg: ExperimentConfig) -> None:
         raise ValueError(f"method_hparams: {stray} name no selected method (selected: {cfg.methods})")
     for name, hp in cfg.method_hparams.items():
         get_method(name)(**hp)  # unknown hyper-parameter names raise here, naming the method
+        if name in PAPER_PARTIAL_METHODS and "keep_ratio" in hp:  # results.json would record another r
+            raise ValueError(f"method_hparams: the keep_ratio of {name} is the configuration's keep_ratio (or "
+                             "keep_ratios, a row per r); set it there")
     for name in ("epochs", "batch_size"):
         _positive_int(name, getattr(cfg, name))
     for name in ("train_size", "test_size"):
@@ -161,11 +189,44 @@ def validate_config(cfg: ExperimentConfig) -> None:
         _ratio("forget_ratio", cfg.forget_ratio, upper_open=True)
     for r in cfg.ratios():
         _ratio("keep_ratio", r, upper_open=False)
+    tags = [ratio_tag(r) for r in cfg.ratios()]
+    if _twice(tags):
+        raise ValueError(f"keep_ratios: {cfg.keep_ratios} name the row and store r={_twice(tags)[0]} more than once")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, numbers.Integral) or not 0 <= cfg.seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {cfg.seed!r}")
     if cfg.lr is not None and not (isinstance(cfg.lr, numbers.Real) and math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"lr must be a positive number, got {cfg.lr!r}")
     models.recommended_lr(cfg.model)  # unknown model names raise, listing the known ones
     if cfg.value_dtype not in VALUE_DTYPES:
         raise ValueError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {cfg.value_dtype!r}")
+    if cfg.keep_stores:
+        for key in store_keys(cfg):
+            _refuse_kept_store(store_path(cfg, *key))
+
+
+def store_keys(cfg: ExperimentConfig) -> List[Tuple[str, Optional[float]]]:
+    """(method, keep ratio) of every store the selected methods read: dense for naive amnesiac, one per r of
+    the sweep for partial amnesiac."""
+    keys = []
+    for m in cfg.methods:
+        cls = get_method(m)
+        if cls.needs_store:
+            keys += [(m, None)] if cls.record_keep_ratio is None else [(m, r) for r in cfg.ratios()]
+    return keys
+
+
+def store_path(cfg: ExperimentConfig, method: str, ratio: Optional[float]) -> Optional[str]:
+    """The file of one store under ``cfg.store_dir`` (None: stores in memory)."""
+    if cfg.store_dir is None:
+        return None
+    tag = "dense" if ratio is None else f"r{ratio_tag(ratio)}"
+    return os.path.join(cfg.store_dir, f"{method}-{tag}-seed{cfg.seed}.ulx")
+
+
+def _refuse_kept_store(path: Optional[str]) -> None:
+    if path is not None and os.path.exists(path):  # DiskStore(path) would reopen it and append to another's steps
+        raise FileExistsError(f"store_dir: {path} already exists (a store of an earlier run); a new recording is "
+                              "never appended to it: remove it or choose another store_dir")
 
 
 # ------------------------------------------------------------------------------------------ experiment
@@ -195,6 +256,7 @@ class Experiment:
         self.model: Optional[torch.nn.Module] = None
         self.stores: Dict[Tuple[str, Optional[float]], object] = {}
         self._store_paths: List[str] = []
+        self._store_lock: Optional[FolderLock] = None
         self.train_seconds = 0.0
         self.lr = cfg.lr if cfg.lr is not None else models.recommended_lr(cfg.model)
         self.train_config = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=self.lr, seed=cfg.seed)
@@ -232,26 +294,15 @@ class Experiment:
         return ids
 
     # ------------------------------------------------------------------------------------------ training
-    def _store_keys(self) -> List[Tuple[str, Optional[float]]]:
-        """(method, keep ratio) of every store the selected methods read: dense for naive amnesiac, one per r
-        of the sweep for partial amnesiac."""
-        keys = []
-        for m in self.cfg.methods:
-            cls = get_method(m)
-            if cls.needs_store:
-                keys += [(m, None)] if cls.record_keep_ratio is None else [(m, r) for r in self.cfg.ratios()]
-        return keys
-
     def _new_store(self, method: str, ratio: Optional[float]):
-        if self.cfg.store_dir is None:
+        path = store_path(self.cfg, method, ratio)
+        if path is None:
             return None  # the recorder's default MemoryStore
-        os.makedirs(self.cfg.store_dir, exist_ok=True)
-        tag = "dense" if ratio is None else f"r{ratio:g}"
-        path = os.path.join(self.cfg.store_dir, f"{method}-{tag}-seed{self.cfg.seed}.ulx")
-        if os.path.exists(path):  # DiskStore(path) would reopen it and append this run's steps to another's
-            if self.cfg.keep_stores:
-                raise FileExistsError(f"store_dir: {path} already exists (a store of an earlier run); a new "
-                                      "recording is never appended to it: remove it or choose another store_dir")
+        if self._store_lock is None:  # held until close(): no other run deletes or reopens this run's stores
+            self._store_lock = FolderLock(self.cfg.store_dir, "store_dir", join=True).acquire()
+        if self.cfg.keep_stores:
+            _refuse_kept_store(path)  # again: one may have appeared since the configuration was checked
+        elif os.path.exists(path):  # left by a dead run: a live one would hold the folder's lock
             warnings.warn(f"removing {path}: a temporary store an interrupted run left behind", RuntimeWarning)
             os.remove(path)
         self._store_paths.append(path)
@@ -263,7 +314,7 @@ class Experiment:
         torch.manual_seed(cfg.seed)
         model = self.model_factory()
         recorders = {}
-        for method, ratio in self._store_keys():
+        for method, ratio in store_keys(cfg):
             kw = {} if ratio is None else {"keep_ratio": ratio}
             recorders[(method, ratio)] = get_method(method).recorder(
                 model, store=self._new_store(method, ratio), value_dtype=VALUE_DTYPES[cfg.value_dtype], **kw)
@@ -285,7 +336,8 @@ class Experiment:
         return data.loader(ds, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed + offset)
 
     def close(self) -> None:
-        """Close the stores; without ``keep_stores``, remove the files they were written to."""
+        """Close the stores; without ``keep_stores``, remove the files they were written to. Releases the store
+        folder's lock (a temporary store folder left holding nothing is removed)."""
         for s in self.stores.values():
             s.close()
         if not self.cfg.keep_stores:
@@ -293,8 +345,9 @@ class Experiment:
                 if os.path.exists(path):
                     os.remove(path)
             self._store_paths.clear()
-            if self.cfg.store_dir and os.path.isdir(self.cfg.store_dir) and not os.listdir(self.cfg.store_dir):
-                os.rmdir(self.cfg.store_dir)
+        if self._store_lock is not None:
+            self._store_lock.release(remove_empty_folder=not self.cfg.keep_stores)
+            self._store_lock = None
 
     def run_once(self, progress: bool = True) -> dict:
         """Train, unlearn the configured forget set with every method, release the stores, and return the
@@ -322,11 +375,10 @@ class Experiment:
         ratios = self.cfg.ratios()
         rows = []
         for m in sorted(self.cfg.methods, key=lambda m: m != "retrain"):
-            partial = m == "partial_amnesiac" or m in ("partial_label_flip", "partial_optimization")
-            if partial and len(ratios) > 1:
-                rows += [(f"{m} r={r:g}", m, r) for r in ratios]
+            if reads_keep_ratio(m) and len(ratios) > 1:
+                rows += [(f"{m} r={ratio_tag(r)}", m, r) for r in ratios]
             else:
-                rows.append((m, m, ratios[0] if partial else None))
+                rows.append((m, m, ratios[0] if reads_keep_ratio(m) else None))
         return rows
 
     def run(self, forget_ids: torch.Tensor, progress: bool = True, methods: Optional[List[str]] = None,
@@ -369,6 +421,7 @@ class Experiment:
         config = asdict(cfg)  # with the sizes used: None where the whole split was (see "notes")
         config.update({k: None if getattr(cfg, k) is None or getattr(cfg, k) > len(ds) else len(ds)
                        for k, ds in (("train_size", d.train), ("test_size", d.splits.test))})
+        config.update(_forget_and_keep_ratios_used(cfg, forget_class, [ratio for _, _, ratio in todo]))
         f = len(forget_ds) / len(d.train)
         return {"config": config, "environment": _environment(), "dataset": d.splits.name,
                 "dataset_source": d.splits.source, "dataset_notes": d.splits.notes, "notes": d.notes,
@@ -417,11 +470,21 @@ class Experiment:
         return row
 
 
+def _forget_and_keep_ratios_used(cfg: ExperimentConfig, forget_class: Optional[int], row_ratios) -> dict:
+    """The forget set and keep ratios as the rows used them, for results.json: a whole class leaves
+    ``forget_ratio`` unused (None); ``keep_ratio`` is the one r the rows read, ``keep_ratios`` a sweep of several,
+    each None where no row read it."""
+    used = [r for r in cfg.ratios() if r in row_ratios]
+    return {"forget_class": forget_class, "forget_ratio": None if forget_class is not None else cfg.forget_ratio,
+            "keep_ratio": used[0] if len(used) == 1 else None, "keep_ratios": used if len(used) > 1 else None}
+
+
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     """Run ``cfg`` — one training, one forget set — and return the result dict (``results.json``):
     ``Experiment(cfg).run_once(progress)``, see :meth:`Experiment.run_once`."""
     return Experiment(cfg).run_once(progress)
 
 
-__all__ = ["DEMO", "DEMO_METHODS", "PAPER_METHODS", "PAPER_KEEP_RATIOS", "Experiment", "ExperimentConfig",
-           "demo_config", "fraction_of_steps_with_forget", "run_experiment", "validate_config"]
+__all__ = ["DEMO", "DEMO_METHODS", "PAPER_METHODS", "PAPER_KEEP_RATIOS", "SEED_LIMIT", "Experiment", "ExperimentConfig",
+           "demo_config", "fraction_of_steps_with_forget", "ratio_tag", "reads_keep_ratio", "run_experiment",
+           "store_keys", "store_path", "validate_config"]

@@ -1,4 +1,7 @@
-"""Presenting an experiment: the results table, the summary and leakage lines, results.json and the PNG chart."""
+"""Presenting an experiment: the results table, the summary and leakage lines, results.json and the PNG chart.
+
+Every file is written atomically (:func:`.durable.atomic_write`): a failed or interrupted write (a full disk,
+Ctrl-C) raises and leaves an earlier file at that path as it was, never a torn one."""
 from __future__ import annotations
 
 import json
@@ -6,6 +9,7 @@ import math
 import os
 from typing import Dict, List, Optional
 
+from .durable import atomic_write
 from .protocol import MIN_MIA_MEMBERS, mia_reliable
 
 COLUMNS = [  # (header, row key of metrics.evaluate / run_experiment, format)
@@ -139,10 +143,10 @@ def leakage(result: dict) -> str:
 
 
 def write_text(text: str, path: str) -> None:
-    """Write a report to ``path``, creating its folder (results.json, the benchmarks' markdown tables)."""
+    """Write a report to ``path`` atomically (module docstring), creating its folder (results.json, the
+    benchmarks' markdown tables)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+    atomic_write(path, text.encode("utf-8"))
 
 
 def write_json(result: dict, path: str) -> None:
@@ -156,7 +160,8 @@ CHART_KEYS = [("RA: retain accuracy", "RA"), ("FA: forget accuracy", "FA"), ("TA
 
 def chart(result: dict, path: str) -> None:
     """Grouped bars of RA, FA, TA and the SVC MIA per method, the retrained model's values as dashed lines
-    (for every bar, closer to Retrain's line is better); the legend sits below the axes so it hides no bar."""
+    (for every bar, closer to Retrain's line is better), written atomically as a PNG; the legend sits below the
+    axes so it hides no bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,19 +169,21 @@ def chart(result: dict, path: str) -> None:
 
     names: List[str] = [n for n, row in result["rows"].items() if "skipped" not in row and "diverged" not in row]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(names)), 5.2))
-    width = 0.8 / len(CHART_KEYS)
-    retrain: Dict[str, float] = result["rows"].get("retrain", {})
-    for j, (label, key) in enumerate(CHART_KEYS):
-        xs = [i + (j - (len(CHART_KEYS) - 1) / 2) * width for i in range(len(names))]
-        bar = ax.bar(xs, [result["rows"][n].get(key, float("nan")) for n in names], width, label=label)
-        if key in retrain:
-            ax.axhline(retrain[key], color=bar.patches[0].get_facecolor(), ls="--", lw=0.8)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=30, ha="right")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("score (dashed: Retrain's; closer is better)")
-    ax.set_title(f"{result['dataset']} / {result['config']['model']}: unlearning methods vs Retrain")
-    fig.legend(*ax.get_legend_handles_labels(), ncol=2, fontsize=8, loc="lower center", frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # the figure is closed even when drawing or writing fails
+        width = 0.8 / len(CHART_KEYS)
+        retrain: Dict[str, float] = result["rows"].get("retrain", {})
+        for j, (label, key) in enumerate(CHART_KEYS):
+            xs = [i + (j - (len(CHART_KEYS) - 1) / 2) * width for i in range(len(names))]
+            bar = ax.bar(xs, [result["rows"][n].get(key, float("nan")) for n in names], width, label=label)
+            if key in retrain:
+                ax.axhline(retrain[key], color=bar.patches[0].get_facecolor(), ls="--", lw=0.8)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30, ha="right")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("score (dashed: Retrain's; closer is better)")
+        ax.set_title(f"{result['dataset']} / {result['config']['model']}: unlearning methods vs Retrain")
+        fig.legend(*ax.get_legend_handles_labels(), ncol=2, fontsize=8, loc="lower center", frameon=False)
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
