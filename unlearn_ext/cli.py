@@ -1,5 +1,6 @@
-"""Command line: ``unlearn-ext demo`` (the main job), ``unlearn-ext run`` (any configuration) and
-``unlearn-ext bench`` (the kernel benchmarks).
+"""Command line: ``unlearn-ext demo`` (the main job), ``unlearn-ext run`` (any configuration), the deletion
+workflow ``unlearn-ext train`` / ``forget`` / ``requests`` (:mod:`.deletion.commands`), ``unlearn-ext bench``
+(the kernel benchmarks) and ``unlearn-ext plan`` (a recording's size, before training).
 
 Every argument is checked before any work starts: a bad one, or two that contradict each other, prints one
 error line (after argparse's usage line) and exits with status 2. The output folder (one per seed with several)
@@ -355,16 +356,25 @@ def _experiments(todo: list, out: str, progress: bool, outputs: _Outputs) -> int
     return 0
 
 
-def _bench(rest) -> int:
-    from .bench import main as bench_main
+#: Commands with a parser of their own: name → (module, function, help).
+DELEGATED = {
+    "train": (".deletion.commands", "train_main", "train a registry model with its updates recorded, ready for "
+              "deletion requests (unlearn-ext train --help)"),
+    "forget": (".deletion.commands", "forget_main", "serve one deletion request on a checkpoint: each recorded step "
+               "undone once across the log, on the record (exit 0 served, 2 bad input, 3 refused by the guard)"),
+    "requests": (".deletion.commands", "requests_main", "the history of a request log, one row per request"),
+    "bench": (".bench", "main", "kernel benchmarks: each op against the plain-PyTorch way, in the same run "
+              "(unlearn-ext bench --help for its options)"),
+    "plan": (".plan", "main", "bytes a recording will take, before training: dense, partial, only-ids "
+             "(unlearn-ext plan --help for its options)"),
+}
 
-    return bench_main(rest, prog="unlearn-ext bench")
 
+def _delegate(command: str, rest) -> int:
+    import importlib
 
-def _plan(rest) -> int:
-    from .plan import main as plan_main
-
-    return plan_main(rest, prog="unlearn-ext plan")
+    module, function, _ = DELEGATED[command]
+    return getattr(importlib.import_module(module, __package__), function)(rest, prog=f"unlearn-ext {command}")
 
 
 def main(argv=None) -> int:
@@ -378,15 +388,11 @@ def main(argv=None) -> int:
                                       help="any configuration of data set, model, methods and forget set")}
     _add_experiment_args(commands["demo"], demo_config())
     _add_experiment_args(commands["run"], ExperimentConfig(methods=list(DEMO_METHODS)))
-    sub.add_parser("bench", help="kernel benchmarks: each op against the plain-PyTorch way, in the same run "
-                                 "(unlearn-ext bench --help for its options)", add_help=False)
-    sub.add_parser("plan", help="bytes a recording will take, before training: dense, partial, only-ids "
-                                "(unlearn-ext plan --help for its options)", add_help=False)
+    for name, (_, _, text) in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)
     args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        return _bench(rest)
-    if args.command == "plan":
-        return _plan(rest)
+    if args.command in DELEGATED:
+        return _delegate(args.command, rest)
     command = commands[args.command]
     if rest:
         command.error(f"unrecognised arguments: {' '.join(rest)}")
