@@ -1,19 +1,32 @@
 """The algorithm API: one class per method, a registry, and ``unlearn()`` (SPEC §3).
 
-Data are loaders yielding ``(x, y, sample_id)``. A method changes the model **in place** and returns it
-inside an :class:`UnlearnResult` with the wall-clock seconds and method-specific statistics (steps run,
-bytes read from a store, ...). Copy the model first (``copy.deepcopy``) to keep the original.
+Data are loaders yielding ``(x, y, sample_id)``; a DataLoader stands for the samples it yields, its sampler
+included (:func:`.common.loader_positions`). A method changes the model **in place** and returns it inside an
+:class:`UnlearnResult` with the wall-clock seconds and method-specific statistics (steps run, bytes read from
+a store, ...), in the train/eval mode it came in (methods set the modes they run in themselves). Copy the
+model first (``copy.deepcopy``) to keep the original.
+
+Forget ids that are also retain ids are named before anything runs: a ``UserWarning`` — two loaders may
+number their samples independently (an ``IndexedTensorDataset`` numbers its own 0..n−1), which most methods
+never compare — or a ``ValueError`` for a method that tells D_f from D_r by id in batches that mix them
+(:attr:`Method.mixes_by_id`: the retain samples with a forget id would be treated as forget samples). For a
+warning the ids are compared only when both loaders' datasets keep them (:func:`.common.stored_per_sample`):
+reading them otherwise costs a pass over D_r, which every call would pay; a ``mixes_by_id`` method pays it,
+being about to pass over D_r several times anyway.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Optional, Type, Union
 
+import torch
 from torch import nn
 
 from . import hparams
+from .common import sample_ids, stored_per_sample
 
 
 @dataclass
@@ -40,6 +53,9 @@ class Method:
     needs_store: ClassVar[bool] = False
     #: Keep ratio of the recording a store-reading method expects (None: dense updates).
     record_keep_ratio: ClassVar[Optional[float]] = None
+    #: The method tells forget from retain samples by sample id in batches that mix them: a forget id that
+    #: is also a retain id is refused (else warned about).
+    mixes_by_id: ClassVar[bool] = False
 
     @classmethod
     def recorder(cls, model: nn.Module, keep_ratio=_DEFAULT, store=None, **kw):
@@ -81,11 +97,37 @@ class Method:
             raise ValueError(f"{self.name}: needs retain= (a non-empty loader of the retain set)")
         if self.needs_store and store is None:
             raise ValueError(f"{self.name}: needs store= (the update store recorded during training)")
+        if retain is not None:
+            self._check_disjoint(forget, retain)
+        modes = [(m, m.training) for m in model.modules()]  # per module: a frozen BatchNorm stays in eval
         start = time.perf_counter()
-        stats = self._run(model, forget, retain, store, hp) or {}
+        try:
+            stats = self._run(model, forget, retain, store, hp) or {}
+        finally:
+            for m, training in modes:
+                m.training = training
         seconds = time.perf_counter() - start
-        model.eval()
         return UnlearnResult(model, seconds, {"method": self.name, "hparams": _plain(hp), **stats})
+
+    def _check_disjoint(self, forget, retain) -> None:
+        """Name forget ids that are also retain ids (module docstring: refused or warned about)."""
+        if self.mixes_by_id:
+            forget_ids, retain_ids = sample_ids(self.name, "forget", forget), sample_ids(self.name, "retain", retain)
+        else:
+            forget_ids, retain_ids = stored_per_sample(forget, "ids"), stored_per_sample(retain, "ids")
+            if forget_ids is None or retain_ids is None:
+                return
+        shared = torch.unique(forget_ids[torch.isin(forget_ids, retain_ids.to(forget_ids.device))])
+        if not shared.numel():
+            return
+        what = (f"{self.name}: {shared.numel()} forget sample id(s) are also retain sample ids, e.g. "
+                f"{shared[:5].tolist()}")
+        if self.mixes_by_id:
+            raise ValueError(f"{what}: this method tells forget from retain samples by id, so those retain "
+                             "samples would be unlearned too; give the two sets distinct ids")
+        warnings.warn(f"{what}: if they are the same samples, the retain set still holds what is to be "
+                      "forgotten; if the two loaders number their samples independently, give them distinct "
+                      "ids", UserWarning, stacklevel=3)
 
     def _run(self, model, forget, retain, store, hp: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -95,17 +137,17 @@ _END = object()
 
 
 def _is_empty(method: str, role: str, loader) -> bool:
-    """True for a loader that holds no sample: read off its (dataset's) length, else by drawing its first
-    batch. A one-shot iterator (a generator) is refused — every method passes over its data more than once
-    or needs it again for statistics, and a spent iterator would silently give it nothing."""
+    """True for a loader that yields no sample: read off its length (a DataLoader's: its sampler's batches,
+    not its dataset's size), else by drawing its first batch. A one-shot iterator (a generator) is refused —
+    every method passes over its data more than once or needs it again for statistics, and a spent iterator
+    would silently give it nothing."""
     if isinstance(loader, Iterator):
         if next(loader, _END) is _END:
             return True
         raise ValueError(f"{method}: {role} is a one-shot iterator ({type(loader).__name__}); pass a "
                          "DataLoader or a list of (x, y, sample_id) batches, which can be iterated again")
-    dataset = getattr(loader, "dataset", loader)
     try:
-        return len(dataset) == 0
+        return len(loader) == 0
     except TypeError:  # e.g. a DataLoader over an IterableDataset
         return next(iter(loader), _END) is _END
 

@@ -2,6 +2,9 @@
 
 * :func:`device_of`, :func:`batches`, :func:`cycle`, :func:`sample_ids` — data plumbing for loaders of
   ``(x, y, sample_id)`` batches (anything else is a ``ValueError`` saying so: :func:`train.unpack_batch`).
+* :func:`loader_positions`, :func:`dataset_of`, :func:`stored_per_sample`, :func:`batch_size_of` — a loader
+  stands for the samples it yields: where a method reads the dataset behind a DataLoader (to re-batch it,
+  or for its ids and labels without a pass) it honours the loader's sampler, and refuses one it cannot read.
 * :func:`check_labels`, :func:`sample_labels`, :func:`output_width` — labels a method indexes by must lie
   in [0, K).
 * :func:`accuracy` — top-1 accuracy in eval mode (methods sit below :mod:`unlearn_ext.metrics` in the
@@ -24,11 +27,14 @@ import contextlib
 import dataclasses
 import itertools
 from numbers import Real
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import (BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler, Subset,
+                              SubsetRandomSampler)
 
 from ..optim import PartialSGD
 from ..train import TrainConfig, make_optimizer, unpack_batch
@@ -53,21 +59,116 @@ def cycle(loader) -> Iterator:
     return itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
 
 
+def loader_positions(method: str, role: str, loader) -> Optional[Tensor]:
+    """The positions in ``loader.dataset`` of the samples a DataLoader yields, as an int64 tensor; None when
+    that is the whole dataset (the default samplers: every item once per pass, shuffled or not) or when
+    ``loader`` is no DataLoader over a map-style dataset (read by passing over it). Honoured: SequentialSampler,
+    RandomSampler without replacement, SubsetRandomSampler, a sequence of positions, a BatchSampler over one
+    of them, a batch sampler that is a list of position lists (``drop_last`` aside: the set is every sample
+    the loader draws from). Any other sampler (with replacement, weighted, distributed, a custom class) draws
+    a set that cannot be read without drawing it, or that changes from pass to pass: a ``ValueError``
+    naming the method and ``role``."""
+    positions, reason = _positions(loader)
+    if reason is not None:
+        raise ValueError(f"{method}: cannot tell which samples the {role} loader yields: {reason}; pass a "
+                         "DataLoader over torch.utils.data.Subset(dataset, positions) instead")
+    return positions
+
+
+def _is_map_style(loader) -> bool:
+    return isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset)
+
+
+_HONOURED = ("SequentialSampler, RandomSampler without replacement, SubsetRandomSampler, a sequence of positions "
+             "or a BatchSampler over one")
+
+
+def _positions(loader) -> Tuple[Optional[Tensor], Optional[str]]:
+    """:func:`loader_positions` as ``(positions, None)``, or ``(None, why they cannot be read)``."""
+    if not _is_map_style(loader):
+        return None, None
+    if loader.batch_sampler is None:
+        return None, "automatic batching is disabled (batch_size=None), so it yields single samples"
+    sampler, batched = loader.batch_sampler, True
+    if type(sampler) is BatchSampler:  # exact types: a subclass may draw otherwise
+        sampler, batched = sampler.sampler, False
+    if type(sampler) is RandomSampler and (sampler.replacement or sampler.num_samples != len(sampler.data_source)):
+        return None, ("its RandomSampler draws with replacement or a num_samples other than its data's size: "
+                      "a different set every pass")
+    if type(sampler) in (SequentialSampler, RandomSampler):
+        if len(sampler.data_source) == len(loader.dataset):
+            return None, None
+        sampler = range(len(sampler.data_source))
+    elif type(sampler) is SubsetRandomSampler:
+        sampler = sampler.indices
+    elif isinstance(sampler, str) or not isinstance(sampler, (Sequence, Tensor, np.ndarray)):
+        kind = "batch sampler" if batched else "sampler"
+        return None, f"its {kind} is a {type(sampler).__name__}, not a {_HONOURED}"
+    try:
+        parts = [torch.as_tensor(b).reshape(-1) for b in (sampler if batched else [sampler])]
+    except (TypeError, ValueError, RuntimeError):
+        return None, "its sampler does not hold integer positions"
+    parts = [t for t in parts if t.numel()]
+    if not parts:
+        return torch.zeros(0, dtype=torch.int64), None
+    positions = torch.cat(parts)
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        return None, f"its sampler holds {positions.dtype} values, not integer positions"
+    n = len(loader.dataset)
+    outside = positions[(positions < 0) | (positions >= n)]
+    if outside.numel():
+        return None, f"its sampler draws position {int(outside[0])}, outside its dataset of {n} samples"
+    return positions.long(), None
+
+
 def dataset_of(method: str, role: str, loader):
-    """``loader.dataset``, for a method that re-batches a set (e.g. D_f ∪ D_r shuffled together)."""
-    dataset = getattr(loader, "dataset", None)
-    if dataset is None:
-        raise ValueError(f"{method}: {role} must be a torch DataLoader (this method re-batches its dataset), "
-                         f"got {type(loader).__name__}")
-    return dataset
+    """The samples ``loader`` yields as a map-style dataset, for a method that re-batches a set (e.g. D_f ∪
+    D_r shuffled together): ``loader.dataset``, or a ``Subset`` of it at :func:`loader_positions`."""
+    if not _is_map_style(loader):
+        raise ValueError(f"{method}: {role} must be a torch DataLoader over a map-style dataset (this method "
+                         f"re-batches its dataset), got {type(loader).__name__}")
+    positions = loader_positions(method, role, loader)
+    return loader.dataset if positions is None else Subset(loader.dataset, positions.tolist())
 
 
-def sample_ids(loader) -> Tensor:
-    """All sample ids of a loader: read off the dataset when it keeps them (``IndexedTensorDataset.ids``),
-    else collected by one pass over the loader."""
-    ids = getattr(getattr(loader, "dataset", None), "ids", None)
-    if isinstance(ids, Tensor):
-        return ids.reshape(-1)
+def batch_size_of(loader: DataLoader) -> int:
+    """The batch size of a DataLoader, for re-batching its samples alike: its ``batch_size``, else (a batch
+    sampler of its own) its batch sampler's, else its largest batch."""
+    size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
+    return int(size) if size else max((len(b) for b in loader.batch_sampler), default=1)
+
+
+def _stored(dataset, attr: str) -> Optional[Tensor]:
+    """The per-sample tensor ``attr`` ("ids", "y") a dataset keeps (an ``IndexedTensorDataset``, also inside
+    a ``Subset``), or None."""
+    if isinstance(dataset, Subset):
+        inner = _stored(dataset.dataset, attr)
+        return None if inner is None else inner[torch.as_tensor(dataset.indices, dtype=torch.int64)]
+    value = getattr(dataset, attr, None)
+    return value if isinstance(value, Tensor) and value.ndim == 1 and len(value) == len(dataset) else None
+
+
+def stored_per_sample(loader, attr: str) -> Optional[Tensor]:
+    """``attr`` ("ids", "y") of every sample ``loader`` yields, read off its dataset without a pass — when
+    the dataset keeps it as a tensor and the sampler's positions are known (:func:`loader_positions`);
+    else None."""
+    if not _is_map_style(loader):
+        return None
+    stored = _stored(loader.dataset, attr)
+    positions, reason = _positions(loader)
+    if stored is None or reason is not None:
+        return None
+    return stored if positions is None else stored[positions]
+
+
+def sample_ids(method: str, role: str, loader) -> Tensor:
+    """All sample ids ``loader`` yields: read off its dataset when it keeps them (:func:`stored_per_sample`),
+    else collected by one pass. The ids name the set to act on, so a sampler whose samples cannot be read
+    is refused (:func:`loader_positions`) rather than taken at one random draw."""
+    loader_positions(method, role, loader)
+    ids = stored_per_sample(loader, "ids")
+    if ids is not None:
+        return ids
     return torch.cat([torch.as_tensor(unpack_batch(b)[2]).reshape(-1) for b in loader])
 
 
@@ -81,11 +182,11 @@ def check_labels(y: Tensor, num_classes: int) -> None:
 
 
 def sample_labels(loader) -> Tensor:
-    """Every label of a loader: read off the dataset when it keeps them (``IndexedTensorDataset.y``), else
-    collected by one pass."""
-    y = getattr(getattr(loader, "dataset", None), "y", None)
-    if isinstance(y, Tensor):
-        return y.reshape(-1)
+    """Every label ``loader`` yields: read off its dataset when it keeps them (:func:`stored_per_sample`),
+    else collected by one pass (what the loader yields, whatever its sampler)."""
+    y = stored_per_sample(loader, "y")
+    if y is not None:
+        return y
     return torch.cat([unpack_batch(b)[1].reshape(-1).cpu() for b in loader])
 
 

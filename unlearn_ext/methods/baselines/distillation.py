@@ -16,8 +16,8 @@ from torch.utils.data import ConcatDataset
 
 from ...data import loader as make_loader
 from ..base import Method, register_method
-from ..common import (STOP_HPARAMS, accuracy, batches, dataset_of, device_of, forget_stop, make_sgd, run_epochs,
-                      sample_ids, sample_labels, set_lr)
+from ..common import (STOP_HPARAMS, accuracy, batch_size_of, batches, dataset_of, device_of, forget_stop, make_sgd,
+                      run_epochs, sample_ids, sample_labels, set_lr)
 from ..hparams import NONNEGATIVE, POSITIVE
 from ..schedules import step_decay
 
@@ -127,6 +127,7 @@ class BadTeacher(Method):
 
     name = "bad_teacher"
     needs_retain = True
+    mixes_by_id = True  # the teacher of a sample is chosen by its id
     defaults = {"epochs": 10, "lr": 0.01, "weight_decay": 0.0, "temperature": 1.0, "seed": 0, **STOP_HPARAMS}
     ranges = {"temperature": POSITIVE}
 
@@ -134,10 +135,10 @@ class BadTeacher(Method):
         stop = forget_stop(self.name, model, forget, hp)
         competent = copy.deepcopy(model).eval()
         incompetent = reinitialised_copy(model, hp["seed"]).eval()
-        forget_ids = sample_ids(forget).cpu()
+        forget_ids = sample_ids(self.name, "forget", forget).cpu()
         data = make_loader(ConcatDataset([dataset_of(self.name, "retain", retain),
                                           dataset_of(self.name, "forget", forget)]),
-                           batch_size=retain.batch_size, shuffle=True, seed=hp["seed"])
+                           batch_size=batch_size_of(retain), shuffle=True, seed=hp["seed"])
         opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
         T = hp["temperature"]
 

@@ -6,8 +6,9 @@ loader's batch size (Deep Unlearn: 256 for both).
 
 Each epoch is one shuffled pass over D_r ∪ D_f in which every forget sample gets a fresh label drawn
 uniformly from all K classes (its own included) each time it is seen — Deep Unlearn's
-``RandomRelabelDataset`` draws one per access. Both have a strength knob (epochs):
-``stop_forget_acc`` / ``stop_every_step`` (:data:`.common.STOP_HPARAMS`, default off).
+``RandomRelabelDataset`` draws one per access; a forget sample is one whose id is a forget id, so the two
+sets must not share ids (:attr:`~unlearn_ext.methods.base.Method.mixes_by_id`). Both have a strength knob
+(epochs): ``stop_forget_acc`` / ``stop_every_step`` (:data:`.common.STOP_HPARAMS`, default off).
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from ... import ops
 from ...data import loader as make_loader
 from ...optim import PartialSGD
 from ..base import Method, register_method
-from ..common import (STOP_HPARAMS, check_labels, dataset_of, forget_stop, gradient_masks, make_sgd, run_epochs,
-                      sample_ids)
+from ..common import (STOP_HPARAMS, batch_size_of, check_labels, dataset_of, forget_stop, gradient_masks, make_sgd,
+                      run_epochs, sample_ids)
 from ..gradients import summed_batch_grads
 from ..hparams import RATIO
 
@@ -45,9 +46,9 @@ def random_label_epochs(name: str, model: nn.Module, forget, retain, opt, hp: di
     """``hp["epochs"]`` shuffled passes over D_r ∪ D_f with the forget samples relabelled at random on every
     visit (:func:`relabel_forget`), stopping as ``hp`` asks; :func:`.common.run_epochs`' stats."""
     stop = forget_stop(name, model, forget, hp)
-    forget_ids = sample_ids(forget).cpu()
+    forget_ids = sample_ids(name, "forget", forget).cpu()
     data = make_loader(ConcatDataset([dataset_of(name, "forget", forget), dataset_of(name, "retain", retain)]),
-                       batch_size=retain.batch_size, shuffle=True, seed=hp["seed"])
+                       batch_size=batch_size_of(retain), shuffle=True, seed=hp["seed"])
     gen = torch.Generator().manual_seed(hp["seed"])
 
     def objective(m, x, y, ids):
@@ -64,6 +65,7 @@ class SuccessiveRandomLabels(Method):
 
     name = "srl"
     needs_retain = True
+    mixes_by_id = True
     defaults = {"epochs": 5, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "seed": 0, **STOP_HPARAMS}
 
     def _run(self, model, forget, retain, store, hp):
@@ -90,6 +92,7 @@ class SalUn(Method):
 
     name = "salun"
     needs_retain = True
+    mixes_by_id = True
     defaults = {"epochs": 10, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "threshold": 0.5, "seed": 0,
                 "freeze_unmasked": False, **STOP_HPARAMS}
     ranges = {"threshold": RATIO}

@@ -47,7 +47,7 @@ class NaiveAmnesiac(Method):
         if len(store) == 0:
             raise ValueError(f"{self.name}: the store holds no recorded training steps (was the model trained "
                              "for 0 epochs, or the recorder not passed to train()?): there is nothing to undo")
-        ids = sample_ids(forget)
+        ids = sample_ids(self.name, "forget", forget)
         missing = store.ids_not_recorded(ids)
         if missing.numel():
             raise ValueError(f"{self.name}: {missing.numel()} forget id(s) appear in no recorded training step, "
