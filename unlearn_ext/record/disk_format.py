@@ -159,39 +159,63 @@ def _frombuffer(buf, dtype: torch.dtype, count: int, offset: int) -> Tensor:
     return torch.frombuffer(buf, dtype=dtype, count=count, offset=offset)
 
 
-def parse_body(body, offset: int, manifest: Manifest, path: str, with_payload: bool = True,
-               body_len: Optional[int] = None) -> Tuple[int, Tensor, Encoded]:
-    """(step, ids, Encoded) of a record body; kinds and counts are checked against the manifest.
-    Without the payload ``body`` may be just its leading metadata, the body being ``body_len`` long."""
-    m = manifest
-    L = len(m.names)
+@dataclass
+class RecordMeta:
+    """A record body's metadata, checked against the manifest: where its payload starts (``payload``, an
+    offset into the body) and how many index entries, values and mask bytes it holds."""
+
+    step: int
+    ids: Tensor
+    kinds: List[int]
+    counts: List[int]
+    payload: int
+    n_index: int
+    n_values: int
+    n_mask: int
+
+
+def parse_meta(body, offset: int, manifest: Manifest, path: str, body_len: int) -> RecordMeta:
+    """The metadata of the record body ``body`` (a buffer that holds at least it; the body is ``body_len``
+    long); ``ValueError`` naming ``path`` and the record's ``offset`` when it does not fit the manifest."""
+    numels = manifest.numels
+    L = len(numels)
     step, n_ids, n_layers = BODY_FIXED.unpack_from(body, 0)
     bad = f"{path}: the record at byte {offset} (step {step}) is malformed"
     if n_layers != L:
         raise ValueError(f"{bad}: {n_layers} layers, the manifest has {L}")
     o = BODY_FIXED.size
-    kinds = _frombuffer(body, torch.uint8, L, o)
+    kinds = list(struct.unpack_from(f"<{L}B", body, o))
     o += pad8(L)
-    counts = _frombuffer(body, torch.int64, L, o)
+    counts = list(struct.unpack_from(f"<{L}q", body, o))
     o += 8 * L
-    ids = _frombuffer(body, torch.int64, n_ids, o)
+    ids = torch.from_numpy(np.frombuffer(body, dtype=np.int64, count=n_ids, offset=o).copy())
     o += 8 * n_ids
-    kl, cl = kinds.tolist(), counts.tolist()
-    if any(c < 0 or c > n or k != encoding.choose_kind(c, n) for k, c, n in zip(kl, cl, m.numels)):
-        raise ValueError(f"{bad}: its kinds and counts do not fit the layers")
-    n_index = sum(c for k, c in zip(kl, cl) if k == encoding.INDEX)
-    n_mask = sum(encoding.mask_nbytes(n) for k, n in zip(kl, m.numels) if k == encoding.BITMASK)
-    vdt = m.torch_value_dtype
-    if (len(body) if body_len is None else body_len) != o + 4 * n_index + vdt.itemsize * sum(cl) + n_mask:
+    n_index = n_mask = 0
+    for k, c, n in zip(kinds, counts, numels):
+        if c < 0 or c > n or k != encoding.choose_kind(c, n):
+            raise ValueError(f"{bad}: its kinds and counts do not fit the layers")
+        if k == encoding.INDEX:
+            n_index += c
+        elif k == encoding.BITMASK:
+            n_mask += encoding.mask_nbytes(n)
+    n_values = sum(counts)
+    if body_len != o + 4 * n_index + manifest.torch_value_dtype.itemsize * n_values + n_mask:
         raise ValueError(f"{bad}: its length does not match its counts")
-    index = values = mask = None
-    if with_payload:
-        index = _frombuffer(body, torch.int32, n_index, o)
-        o += 4 * n_index
-        values = _frombuffer(body, vdt, sum(cl), o)
-        o += vdt.itemsize * sum(cl)
-        mask = _frombuffer(body, torch.uint8, n_mask, o)
-    return step, ids, Encoded(kinds, counts, values, index, mask)
+    return RecordMeta(step, ids, kinds, counts, o, n_index, n_values, n_mask)
+
+
+def parse_body(body, offset: int, manifest: Manifest, path: str) -> Tuple[int, Tensor, Encoded]:
+    """(step, ids, Encoded) of a whole record body (a writable buffer, which the payload tensors view)."""
+    meta = parse_meta(body, offset, manifest, path, len(body))
+    o, vdt = meta.payload, manifest.torch_value_dtype
+    index = _frombuffer(body, torch.int32, meta.n_index, o)
+    o += 4 * meta.n_index
+    values = _frombuffer(body, vdt, meta.n_values, o)
+    o += vdt.itemsize * meta.n_values
+    mask = _frombuffer(body, torch.uint8, meta.n_mask, o)
+    kinds = torch.tensor(meta.kinds, dtype=torch.uint8)
+    counts = torch.tensor(meta.counts, dtype=torch.int64)
+    return meta.step, meta.ids, Encoded(kinds, counts, values, index, mask)
 
 
 @dataclass(frozen=True)
@@ -360,20 +384,16 @@ class _Scanner:
         if body_len < BODY_FIXED.size:
             return "malformed record"
         _, n_ids, n_layers = BODY_FIXED.unpack_from(mv, o)
-        meta_len = BODY_FIXED.size + pad8(n_layers) + 8 * n_layers + 8 * n_ids
-        if meta_len > body_len:
+        if BODY_FIXED.size + pad8(n_layers) + 8 * n_layers + 8 * n_ids > body_len:
             return "malformed record"
         try:
-            step, ids, enc = parse_body(bytearray(mv[o:o + meta_len]), offset, self.manifest, self.path,
-                                        with_payload=False, body_len=body_len)
+            meta = parse_meta(mv[o:o + body_len], offset, self.manifest, self.path, body_len)
         except ValueError:
             return "malformed record"
-        if self.records and step <= self.records[-1].step:
-            return f"record out of order (step {step})"
-        kinds, counts = enc.kinds.tolist(), enc.counts.tolist()
-        n_index = sum(c for k, c in zip(kinds, counts) if k == encoding.INDEX)
-        finite = _finite(mv, o + meta_len + 4 * n_index, sum(counts), self.manifest.torch_value_dtype)
-        self.records.append(ScannedRecord(offset, n, step, ids.clone(), kinds, counts, finite))
+        if self.records and meta.step <= self.records[-1].step:
+            return f"record out of order (step {meta.step})"
+        finite = _finite(mv, o + meta.payload + 4 * meta.n_index, meta.n_values, self.manifest.torch_value_dtype)
+        self.records.append(ScannedRecord(offset, n, meta.step, meta.ids, meta.kinds, meta.counts, finite))
         return None
 
 
@@ -406,6 +426,6 @@ def set_version(fd: int, version: int) -> None:
     os.pwrite(fd, struct.pack("<I", version), VERSION_OFFSET)
 
 
-__all__ = ["DroppedRecords", "DroppedRegion", "REC_HEADER", "ScannedRecord", "TAIL_REASONS", "VERSION", "check_frame",
-           "file_overhead", "file_start", "frame_header", "parse_body", "read_record", "read_start", "record_overhead", "record_pieces", "scan",
-           "set_version", "trailer"]
+__all__ = ["DroppedRecords", "DroppedRegion", "REC_HEADER", "RecordMeta", "ScannedRecord", "TAIL_REASONS", "VERSION",
+           "check_frame", "file_overhead", "file_start", "frame_header", "parse_body", "parse_meta", "read_record",
+           "read_start", "record_overhead", "record_pieces", "scan", "set_version", "trailer"]

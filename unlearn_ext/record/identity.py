@@ -15,6 +15,7 @@ local blocks' shapes in the manifest, which then carries the :class:`~.sharding.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -120,8 +121,9 @@ class Manifest:
         """The whole parameters' shapes (``shapes`` unless the recording is sharded)."""
         return self.shapes if self.shards is None else tuple(b.global_shape for b in self.shards.blocks)
 
-    @property
+    @functools.cached_property
     def numels(self) -> List[int]:
+        """Elements of each recorded tensor (computed once: every record read is checked against them)."""
         return [_numel(shape) for shape in self.shapes]
 
     @property
