@@ -1,5 +1,6 @@
-"""The code of README.md's "Recording in your training loop" section, for the tests that run it: the Python
-snippets by their first line (a comment naming the case) and the arguments of its `unlearn-ext` command."""
+"""The code of README.md, for the tests that run it: the "Recording in your training loop" section's Python
+snippets by their first line (a comment naming the case) and the arguments of its `unlearn-ext` command; the
+deletion workflow's shell lines and its Python twin."""
 from __future__ import annotations
 
 import re
@@ -11,10 +12,24 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "#### Recording in your training loop"
 
 
-def _section() -> str:
+WORKFLOW = "## Deletion requests: train, forget, forget, history"
+
+
+def _section(heading: str = SECTION) -> str:
     text = README.read_text(encoding="utf-8")
-    assert SECTION in text, f"README.md has no section {SECTION!r}"
-    return re.split(r"\n#{2,4} ", text.split(SECTION, 1)[1], maxsplit=1)[0]  # up to the next heading
+    assert heading in text, f"README.md has no section {heading!r}"
+    return re.split(r"\n#{2,4} ", text.split(heading, 1)[1], maxsplit=1)[0]  # up to the next heading
+
+
+def workflow_lines() -> List[List[str]]:
+    """The words of each line of the deletion workflow's shell block."""
+    block = re.findall(r"```bash\n(.*?)```", _section(WORKFLOW), re.S)[0]
+    return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def workflow_python() -> str:
+    """The deletion workflow's Python twin."""
+    return re.findall(r"```python\n(.*?)```", _section(WORKFLOW), re.S)[0]
 
 
 def loop_snippets() -> Dict[str, str]:
