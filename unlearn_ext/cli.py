@@ -20,66 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import List, Optional, Tuple
 
+from .argtypes import positive_float, positive_int, seed, size, unit_interval
 from .durable import LOCK_NAME, FolderInUse, FolderLock
-from .experiment import (DEMO_METHODS, SEED_LIMIT, VALUE_DTYPES, Experiment, ExperimentConfig, demo_config,
+from .experiment import (DEMO_METHODS, VALUE_DTYPES, Experiment, ExperimentConfig, demo_config,
                          reads_keep_ratio, validate_config)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: all of it), got {text!r}") from None
-    if value < 0 or value == 1:
-        raise argparse.ArgumentTypeError(f"expected 0 (all of it) or an integer >= 2, got {value}")
-    return value
-
-
-def _unit_interval(open_right: bool):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (0.0 < value < 1.0 if open_right else 0.0 < value <= 1.0):
-            raise argparse.ArgumentTypeError(f"expected a number in (0, 1{')' if open_right else ']'}, got {text!r}")
-        return value
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"expected integers in [0, 2**32), got {text.strip()!r}")
-    return value
 
 
 def _list(item):
@@ -136,21 +84,21 @@ def _add_experiment_args(p: argparse.ArgumentParser, defaults: ExperimentConfig)
     p.add_argument("--methods", type=_methods, default=defaults.methods, metavar="NAMES",
                    help="comma-separated method names, or 'all'")
     p.set_defaults(given=frozenset())
-    p.add_argument("--forget-ratio", type=_unit_interval(True), default=defaults.forget_ratio, action=_Given,
+    p.add_argument("--forget-ratio", type=unit_interval(True), default=defaults.forget_ratio, action=_Given,
                    help="random forget set: this fraction of the training set (not with --forget-class)")
     p.add_argument("--forget-class", type=int, default=None, help="forget one whole class instead")
-    p.add_argument("--train-size", type=_size, default=defaults.train_size, help="0: the whole training split")
-    p.add_argument("--test-size", type=_size, default=defaults.test_size,
+    p.add_argument("--train-size", type=size, default=defaults.train_size, help="0: the whole training split")
+    p.add_argument("--test-size", type=size, default=defaults.test_size,
                    help="0: the whole test split (halved into validation and reported test)")
-    p.add_argument("--keep-ratio", type=_unit_interval(False), default=defaults.keep_ratio, action=_Given,
+    p.add_argument("--keep-ratio", type=unit_interval(False), default=defaults.keep_ratio, action=_Given,
                    help="r of the partial methods (not with --keep-ratios)")
-    p.add_argument("--keep-ratios", type=_list(_unit_interval(False)), default=None, metavar="R1,R2,...",
+    p.add_argument("--keep-ratios", type=_list(unit_interval(False)), default=None, metavar="R1,R2,...",
                    help="a sweep of r: one row per r for every partial method (e.g. 0.01,0.05,0.1,0.2,0.5)")
-    p.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help="training epochs")
-    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="training batch size")
-    p.add_argument("--lr", type=_positive_float, default=None,
+    p.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="training epochs")
+    p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="training batch size")
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="training learning rate (default: the model's, as in the paper)")
-    p.add_argument("--seeds", type=_list(_seed), default=[defaults.seed], metavar="S1,S2,...",
+    p.add_argument("--seeds", type=_list(seed), default=[defaults.seed], metavar="S1,S2,...",
                    help="one run per seed, each in [0, 2**32) (data subsample, forget set, initialisation, shuffles)")
     p.add_argument("--deterministic", action="store_true", help="bitwise-reproducible runs on the CPU")
     p.add_argument("--no-calibrate", action="store_true",

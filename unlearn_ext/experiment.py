@@ -32,6 +32,7 @@ from . import __version__, build_info, data, metrics, models
 from .methods import available_methods, get_method, unlearn
 from .protocol import (PAPER_PARTIAL_METHODS, ForgettingTarget, calibrated_run, forgetting_target,
                        forgetting_verdict, method_hparams, supports_calibration, validation_split)
+from .argtypes import SEED_LIMIT
 from .durable import FolderLock
 from .record import DiskStore
 from .train import TrainConfig, train
@@ -44,9 +45,6 @@ PAPER_KEEP_RATIOS = (0.01, 0.05, 0.1, 0.2, 0.5)
 VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: The loss-LR attack's folds: a forget set or test half smaller than this cannot be scored at all.
 MIN_FORGET = 10
-#: Seeds are integers in [0, SEED_LIMIT): the membership attacks' folds (scikit-learn's
-#: ``StratifiedKFold(random_state=seed)``, numpy's legacy generator) accept no other.
-SEED_LIMIT = 2**32
 
 
 @dataclass

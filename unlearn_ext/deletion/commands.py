@@ -22,42 +22,14 @@ from typing import List
 from .. import data, models
 from ..durable import atomic_save
 from ..record import DiskStore
-from .guard import RegimeExceeded, check_limit
+from ..argtypes import fraction, positive_float, positive_int, seed, size, unit_interval
+from .guard import RegimeExceeded
 from .log import RequestLog
 from .log_format import read_log
 from .receipt import Receipt, history_table
 from .recipe import VALUE_DTYPES, make_recipe, train_recorded
 
 EXIT_BAD_INPUT, EXIT_REFUSED_BY_GUARD, EXIT_INTERRUPTED = 2, 3, 130
-
-
-def _fraction(text: str) -> float:
-    try:
-        return check_limit("value", text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
-
-
-def _keep_ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if not low <= value < 2 ** 32:
-            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, 2**32), got {value}")
-        return value
-    return parse
 
 
 def read_ids(path: str) -> List[int]:
@@ -102,14 +74,14 @@ def train_main(argv=None, prog: str = "unlearn-ext train") -> int:
     p.add_argument("--dataset", required=True, choices=data.available_datasets())
     p.add_argument("--model", required=True, choices=models.available_models())
     p.add_argument("--root", default=None, help="data root for user-supplied data sets")
-    p.add_argument("--train-size", type=_int_at_least(0), default=0, help="seeded subsample (0: the whole split)")
-    p.add_argument("--epochs", type=_int_at_least(1), default=8)
-    p.add_argument("--batch-size", type=_int_at_least(1), default=128)
-    p.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default: the model's)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0,
+    p.add_argument("--train-size", type=size, default=0, help="seeded subsample (0: the whole split)")
+    p.add_argument("--epochs", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=None, help="Adam's learning rate (default: the model's)")
+    p.add_argument("--seed", type=seed, default=0,
                    help="initialisation, subsample and shuffle order")
     ratio = p.add_mutually_exclusive_group()
-    ratio.add_argument("--keep-ratio", type=_keep_ratio, default=0.1, help="r: record the top r of each layer's update")
+    ratio.add_argument("--keep-ratio", type=unit_interval(False), default=0.1, help="r: record the top r of each layer's update")
     ratio.add_argument("--dense", action="store_true", help="record dense updates (naive amnesiac)")
     p.add_argument("--value-dtype", default="float32", choices=sorted(VALUE_DTYPES))
     p.add_argument("--store", required=True, help="the update store to create")
@@ -120,8 +92,6 @@ def train_main(argv=None, prog: str = "unlearn-ext train") -> int:
     args = p.parse_args(argv)
     log_path = args.store + ".requests"
     try:
-        if args.lr is not None and not (args.lr > 0 and args.lr < float("inf")):
-            raise ValueError(f"--lr: expected a positive number, got {args.lr}")
         for flag, path in (("--store", args.store), ("--out", args.out), ("--store", log_path)):
             _new_file(flag, path)
         if os.path.abspath(args.store) == os.path.abspath(args.out):
@@ -163,7 +133,7 @@ def forget_main(argv=None, prog: str = "unlearn-ext forget") -> int:
     p.add_argument("--ids", required=True, help="a file of sample ids, one integer per line")
     p.add_argument("--out", required=True, help="the output state_dict to write")
     p.add_argument("--request-id", default=None, help="names the request (default: derived from its ids)")
-    p.add_argument("--max-undone", type=_fraction, default=None,
+    p.add_argument("--max-undone", type=fraction, default=None,
                    help="the guard's limit on the fraction of recorded steps undone (default: from the measured "
                         "regime of the store's keep ratio)")
     p.add_argument("--log", default=None, help="the request log (default: the first store's path + .requests)")
