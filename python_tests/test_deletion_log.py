@@ -199,8 +199,8 @@ def test_a_torn_last_entry_is_dropped_and_the_request_is_served_again(run):
     assert [r.request_id for r in reopened.receipts()] == ["A"] and reopened.dropped == (after_a, cut - after_a)
     again = reopened.forget(s1, "B", [1], max_undone=1.0)
     assert again.status == SERVED and again.sha256_after == r2.sha256_after and _equal(s1, s)
-    assert [r.request_id for r in RequestLog(path, store).receipts()] == ["A", "B"]
-    assert path.stat().st_size == len(full)
+    fresh = RequestLog(path, store)
+    assert [r.request_id for r in fresh.receipts()] == ["A", "B"] and fresh.dropped is None  # torn end cut off
 
 
 def test_a_damaged_entry_followed_by_intact_ones_refuses_the_log(run):
