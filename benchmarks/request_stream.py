@@ -80,7 +80,7 @@ def one_run(model_name: str, seed: int, n_requests: int, workdir: str, train_siz
     cli_seconds = time.perf_counter() - start
     assert code == 0, f"forget exited {code}"
 
-    log = RequestLog(os.path.join(workdir, f"{model_name}-{seed}.requests"), store)
+    log = RequestLog.create(os.path.join(workdir, f"{model_name}-{seed}.requests"), store, model)
     requests = []
     for i, sample in enumerate(ids):
         receipt = log.forget(model, f"r{i}", [sample], max_undone=1.0)

@@ -291,3 +291,12 @@ def test_ctrl_c_in_the_second_seed_names_what_the_first_wrote(capsys, tmp_path, 
               f"wrote {seed4 / 'results.json'}, {seed4 / 'chart.png'}")
     assert sorted(os.listdir(seed4)) == [".unlearn-ext.lock", "chart.png", "results.json"]
     assert not (tmp_path / "seed5").exists()
+
+
+@pytest.mark.parametrize("option", ["--out", "--store-dir"])
+def test_an_empty_folder_option_is_refused(option, capsys, tmp_path):
+    """The hostile probe: `--out ''` silently wrote to runs/run, `--store-dir ''` silently kept the stores in
+    memory."""
+    extra = [] if option == "--out" else ["--out", str(tmp_path / "o")]
+    _refused(capsys, SMALL + extra + [option, ""], option, "expected a folder")
+    assert not (tmp_path / "o").exists()

@@ -109,7 +109,7 @@ def test_refusals_are_one_line_exit_2_or_3_and_write_nothing(run, capsys):
          "not the latest model"),
         (lambda: _forget(run, _ids(run, "x.txt", [9999]), "model-a.pt", "o.pt", "--max-undone", "0.5"), 2,
          "in no recorded training step"),
-        (lambda: _forget(run, str(run / "junk.txt"), "model-a.pt", "o.pt"), 2, "junk.txt line 2 is not an integer"),
+        (lambda: _forget(run, str(run / "junk.txt"), "model-a.pt", "o.pt"), 2, "junk.txt line 2 is not a sample id"),
         (lambda: _forget(run, _ids(run, "x.txt", []), "model-a.pt", "o.pt"), 2, "holds no id"),
         (lambda: _forget(run, _ids(run, "x.txt", [7]), "missing.pt", "o.pt"), 2, "--checkpoint: .*does not exist"),
         (lambda: _forget(run, _ids(run, "x.txt", [7]), "model-a.pt", "o.pt", "--max-undone", "1.5"), 2,
@@ -153,3 +153,94 @@ def test_the_audit_measures_before_and_after(run, capsys):
     assert audit["before"]["forget_accuracy"] != audit["after"]["forget_accuracy"] or \
         audit["before"]["validation_accuracy"] != audit["after"]["validation_accuracy"]
     assert os.path.exists(run / "model-a.pt")
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_an_output_that_is_an_input_or_not_a_checkpoint_is_refused_and_nothing_written(run, capsys):
+    """The hostile probe: `--out run.ulx` replaced the store with a checkpoint (exit 0); `--out` the log, the
+    ids file or any other file was overwritten too."""
+    ids = _ids(run, "a.txt", [1])
+    (run / "notes.txt").write_text("mine")
+    (run / "folder").mkdir()
+    before = _snapshot(run)
+    for out, match in [("run.ulx", "--out: .*run.ulx is the --store"), ("run.ulx.requests", "is the --log"),
+                       ("a.txt", "is the --ids"), ("model.pt", "is the --checkpoint"),
+                       ("notes.txt", "exists and is not an output of this kind"), ("folder", "is a folder"),
+                       ("missing/o.pt", "its folder .*missing does not exist")]:
+        _refused(capsys, lambda: _forget(run, ids, "model.pt", out, "--max-undone", "0.5"), 2, match)
+        assert _snapshot(run) == before
+
+
+def test_a_missing_log_is_never_created_silently(run, capsys):
+    """The hostile probe: a typo in --log (or a moved log) started a new log, and the same steps were undone
+    again. A log is started only by `train` or by --new-log, which refuses an existing one."""
+    ids = _ids(run, "a.txt", [1])
+    assert _forget(run, ids, "model.pt", "m1.pt", "--max-undone", "0.5") == 0
+    _refused(capsys, lambda: _forget(run, ids, "m1.pt", "m2.pt", "--max-undone", "0.5", "--log",
+                                     str(run / "run.ulx.request")), 2, "run.ulx.request does not exist: .*--new-log")
+    assert not (run / "m2.pt").exists() and not (run / "run.ulx.request").exists()
+    _refused(capsys, lambda: _forget(run, ids, "model.pt", "m2.pt", "--new-log"), 2, "--log: .*exists")
+    (run / "run.ulx.requests").rename(run / "old.requests")  # a store recorded without `train`: start a log
+    assert _forget(run, ids, "model.pt", "m2.pt", "--max-undone", "0.5", "--new-log") == 0
+    assert RequestLog(run / "run.ulx.requests", DiskStore(run / "run.ulx")).receipts()[0].sha256_before == \
+        state_digest(torch.load(run / "model.pt"))
+
+
+def test_forget_checks_the_audit_arguments_before_any_work(run, capsys):
+    ids = _ids(run, "a.txt", list(range(12)))
+    before = _snapshot(run)
+    _refused(capsys, lambda: _forget(run, ids, "model.pt", "o.pt", "--model", "lenet"), 2,
+             "--model and --root are for the audit: give --dataset too")
+    _refused(capsys, lambda: _forget(run, ids, "model.pt", "o.pt", "--max-undone", "1", "--dataset", "digits",
+                                     "--model", "lenet"), 2, "--checkpoint is not a state_dict of lenet for digits")
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("content, ids", [("3\r\n4\r\n", [3, 4]), ("\ufeff5\n\n 6 \n", [5, 6])])
+def test_ids_files_with_crlf_or_a_byte_order_mark_are_read(content, ids, tmp_path):
+    from unlearn_ext.deletion.commands import read_ids
+
+    (tmp_path / "ids.txt").write_text(content, encoding="utf-8")
+    assert read_ids(str(tmp_path / "ids.txt")) == ids
+
+
+@pytest.mark.parametrize("line", ["1_2", "\u0661\u0662", "\uff11\uff12", "12\x1c13", "12\u202813", "+3", "-1", "3.0"])
+def test_ids_lines_other_than_ascii_digits_are_refused_naming_the_line(line, tmp_path):
+    from unlearn_ext.deletion.commands import read_ids
+
+    (tmp_path / "ids.txt").write_text(f"7\n{line}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2 is not a sample id"):
+        read_ids(str(tmp_path / "ids.txt"))
+
+
+def test_train_refuses_paths_it_cannot_use_before_training(tmp_path, capsys):
+    (tmp_path / "dangling.ulx").symlink_to(tmp_path / "nowhere")
+    cases = [(["--store", str(tmp_path / "s.ulx"), "--out", str(tmp_path / "s.ulx.requests")],
+              "--store's log and --out name the same file"),
+             (["--store", "", "--out", str(tmp_path / "m.pt")], "--store: expected a file path"),
+             (["--store", str(tmp_path / "dangling.ulx"), "--out", str(tmp_path / "m.pt")], "dangling.ulx exists"),
+             (["--store", str(tmp_path / "s.ulx"), "--out", str(tmp_path / "no" / "m.pt")], "does not exist")]
+    for extra, match in cases:
+        _refused(capsys, lambda: train_main(TRAIN + extra), 2, match)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.ulx"]
+
+
+def test_a_training_run_that_fails_leaves_nothing_behind(tmp_path, capsys):
+    """The hostile probe: --lr 1e30 diverged and raised a traceback after training, leaving a store that
+    blocked the rerun."""
+    code = train_main(TRAIN + ["--lr", "1e30", "--store", str(tmp_path / "s.ulx"), "--out", str(tmp_path / "m.pt")])
+    err = capsys.readouterr().err
+    assert code == 1 and "failed: " in err and "nothing kept" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_requests_into_a_closed_pipe_prints_no_traceback(trained):
+    import subprocess
+    import sys
+
+    out = subprocess.run(f"{sys.executable} -m unlearn_ext.cli requests --log {trained / 'run.ulx.requests'} --json "
+                         "| head -c 10", shell=True, capture_output=True, text=True, timeout=120)
+    assert out.stdout == '{\n "header' and "Traceback" not in out.stderr, out.stderr

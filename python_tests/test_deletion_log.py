@@ -54,6 +54,7 @@ def _equal(a, b):
 def run(tmp_path):
     state = _record(tmp_path / "run.ulx")
     store = DiskStore(tmp_path / "run.ulx")
+    RequestLog.create(tmp_path / "run.ulx.requests", store, state)
     return store, state, tmp_path / "run.ulx.requests"
 
 
@@ -255,3 +256,35 @@ def test_forget_checkpoint_writes_the_output_and_refuses_what_does_not_fit(run, 
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RequestRefused, match="--checkpoint: .*junk.pt is not a torch.save file"):
         log.forget_checkpoint(tmp_path / "junk.pt", tmp_path / "o3.pt", "B", [1], max_undone=1.0)
+
+
+def test_a_whole_last_entry_that_fails_its_checksum_refuses_the_log(run):
+    """A kill writes a prefix of an entry, never wrong bytes: a whole entry that fails its checksum may be an
+    acknowledged request, so it is not dropped like a torn one."""
+    store, state, path = run
+    log = RequestLog(path, store)
+    log.forget(_copy(state), "A", [0], max_undone=1.0)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="whole but fails its checksum"):
+        RequestLog(path, store)
+
+
+def test_a_store_that_lost_records_since_the_log_was_made_is_named_as_damaged(run):
+    store, state, path = run
+    cut = store._where[-1][0] + 30  # the last record torn
+    with open(store.path, "r+b") as f:
+        f.truncate(cut)
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="lost records since .* was made"):
+        RequestLog(path, DiskStore(store.path))
+
+
+def test_no_log_is_created_implicitly(tmp_path):
+    state = _record(tmp_path / "run.ulx")
+    with pytest.raises(FileNotFoundError, match="no request log there"):
+        RequestLog(tmp_path / "typo.requests", DiskStore(tmp_path / "run.ulx"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ulx"]
+    RequestLog.create(tmp_path / "run.ulx.requests", DiskStore(tmp_path / "run.ulx"), state)
+    with pytest.raises(FileExistsError, match="never replaced"):
+        RequestLog.create(tmp_path / "run.ulx.requests", DiskStore(tmp_path / "run.ulx"), state)

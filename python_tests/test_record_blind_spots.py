@@ -295,3 +295,19 @@ def test_a_layer_of_2_31_elements_is_refused_before_anything_is_written(tmp_path
     assert not os.path.exists(tmp_path / "run.ulx")
     with pytest.raises(ValueError, match=message):
         plan_storage(model, steps=10, batch_size=4)
+
+
+def test_nested_steps_are_refused():
+    """The hostile probe: a step() inside another recorded the inner update twice (the outer step's update
+    included it), and undoing every step missed θ_init by 0.37."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    rec = UpdateRecorder(model, optimizer=opt)
+    x, y = _data()
+    _backward(model, x, y, torch.arange(8))
+    with rec.step(torch.arange(8)):
+        with pytest.raises(ValueError, match="steps do not nest"):
+            with rec.step(torch.arange(8, 16)):
+                pass
+        opt.step()
+    assert rec.store.steps() == [0] and rec.store.sample_ids(0).tolist() == list(range(8))

@@ -198,7 +198,7 @@ def test_fsdp2_ranks_record_their_shards_and_unlearn_them(tmp_path):
     assert sorted(set(dense[0].steps_containing(forget_ids))) == [1, 3]
     assert forget_main(["--store", str(tmp_path / "dense-rank0.ulx"), "--store", str(tmp_path / "dense-rank1.ulx"),
                         "--checkpoint", str(tmp_path / "unsharded.pt"), "--ids", str(tmp_path / "ids.txt"),
-                        "--out", str(tmp_path / "forgot.pt"), "--max-undone", "1"]) == 0
+                        "--out", str(tmp_path / "forgot.pt"), "--max-undone", "1", "--new-log"]) == 0
     forgot = torch.load(tmp_path / "forgot.pt")
     assert all(torch.equal(forgot[n], p.detach()) for n, p in unsharded.named_parameters())
 

@@ -182,3 +182,18 @@ def test_a_step_the_record_format_cannot_hold_is_refused_before_anything_is_writ
         store.append(2**63, [1], torch.zeros(sum(numels)), None, torch.tensor([0] + numels).cumsum(0))
     store.flush()
     assert len(store) == N_STEPS and (tmp_path / "s.ulx").stat().st_size == size
+
+
+def test_layers_whose_tensors_share_memory_are_refused(recorded):
+    """The hostile probe: a strided tensor and another view of the same buffer were applied through the
+    contiguous copy, and writing it back overwrote the other layer."""
+    path, model = recorded
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    base = torch.zeros(64)
+    base[0::2][:12] = state["0.bias"]
+    state["0.bias"] = base[0::2][:12]
+    state["2.bias"] = base[:3]
+    kept = base.clone()
+    with pytest.raises(ValueError, match="layers '0.bias' and '2.bias' share memory"):
+        DiskStore(path).apply_to(state, [1])
+    assert torch.equal(base, kept)

@@ -1,9 +1,18 @@
-"""Argument types shared by the command lines (``type=`` of ``argparse``): each refuses a bad value with
-``ArgumentTypeError`` saying what it expected, which argparse prints as one error line naming the option."""
+"""Argument types and file checks shared by the command lines.
+
+The types (``type=`` of ``argparse``) refuse a bad value with ``ArgumentTypeError`` saying what they expected,
+which argparse prints as one error line naming the option. The file checks (:func:`input_file`,
+:func:`new_file`, :func:`output_file`) run before any work and raise ``ValueError`` naming the option: a
+path that is empty, a folder, missing, unwritable (tried by creating and removing a file there: permission
+bits say nothing to root), or — for an output — one of the command's own inputs.
+"""
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import tempfile
+from typing import Dict, Iterable, Tuple
 
 #: Seeds are integers in [0, SEED_LIMIT): the membership attacks' folds (scikit-learn's
 #: ``StratifiedKFold(random_state=seed)``, numpy's legacy generator) accept no other.
@@ -75,4 +84,72 @@ def seed(text: str) -> int:
     return value
 
 
-__all__ = ["SEED_LIMIT", "fraction", "positive_float", "positive_int", "seed", "size", "unit_interval"]
+def _named(flag: str, path: str) -> str:
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ValueError(f"{flag}: expected a file path, got {path!r}")
+    return os.path.abspath(path)
+
+
+def input_file(flag: str, path: str) -> str:
+    """``path`` is an existing regular file; its absolute path."""
+    full = _named(flag, path)
+    if not os.path.exists(full):
+        raise ValueError(f"{flag}: {path} does not exist")
+    if not os.path.isfile(full):
+        raise ValueError(f"{flag}: {path} is not a file")
+    return full
+
+
+def writable_folder(flag: str, path: str) -> None:
+    """The folder of ``path`` exists and takes a new file (tried: a file created there and removed)."""
+    folder = os.path.dirname(_named(flag, path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag}: cannot write {path}: its folder {folder} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".unlearn-ext-probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write {path} in {folder} ({e.strerror})") from None
+
+
+def new_file(flag: str, path: str) -> str:
+    """``path`` names nothing yet (not even a dangling link) in a writable folder; its absolute path."""
+    full = _named(flag, path)
+    if os.path.lexists(full):
+        raise ValueError(f"{flag}: {path} exists; it is never overwritten: remove it or choose another path")
+    writable_folder(flag, path)
+    return full
+
+
+def output_file(flag: str, path: str, inputs: Iterable[Tuple[str, str]], replaceable: bytes) -> str:
+    """``path`` may be written: not a folder, none of ``inputs`` (``(flag, path)`` pairs of the command), and
+    when it exists a file starting with ``replaceable`` (an output of this kind, which is replaced); in a
+    writable folder. Its absolute path."""
+    full = _named(flag, path)
+    real = os.path.realpath(full)
+    for other_flag, other in inputs:
+        if os.path.realpath(other) == real:
+            raise ValueError(f"{flag}: {path} is the {other_flag} of this command; write the output elsewhere")
+    if os.path.isdir(full):
+        raise ValueError(f"{flag}: {path} is a folder")
+    if os.path.lexists(full):
+        with open(full, "rb") as f:
+            if f.read(len(replaceable)) != replaceable:
+                raise ValueError(f"{flag}: {path} exists and is not an output of this kind; it is never replaced")
+    writable_folder(flag, path)
+    return full
+
+
+def distinct(paths: Dict[str, str]) -> None:
+    """No two of the ``{flag: path}`` name the same file."""
+    seen: Dict[str, str] = {}
+    for flag, path in paths.items():
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ValueError(f"{flag} and {seen[real]} name the same file {path}")
+        seen[real] = flag
+
+
+__all__ = ["SEED_LIMIT", "distinct", "fraction", "input_file", "new_file", "output_file", "positive_float",
+           "positive_int", "seed", "size", "unit_interval", "writable_folder"]

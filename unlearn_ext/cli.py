@@ -132,6 +132,9 @@ def _config(args, seed: int, out: str = "") -> ExperimentConfig:
 def _check_combinations(args) -> None:
     """An option that another one given overrides, or that no selected method reads, is refused (it would
     be dropped without a word, or recorded in results.json while no row used it)."""
+    for option, value in (("--out", args.out), ("--store-dir", args.store_dir)):
+        if value is not None and not value.strip():
+            raise ValueError(f"{option}: expected a folder, got {value!r}")
     if args.forget_class is not None and "forget_ratio" in args.given:
         raise ValueError("--forget-class and --forget-ratio: give one (a whole class, or a random fraction)")
     if args.keep_ratios is not None and "keep_ratio" in args.given:

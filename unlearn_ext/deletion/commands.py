@@ -13,8 +13,10 @@ Every argument is checked before any work starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
 from typing import List
 
@@ -22,47 +24,46 @@ from typing import List
 from .. import data, models
 from ..durable import atomic_save
 from ..record import DiskStore
-from ..argtypes import fraction, positive_float, positive_int, seed, size, unit_interval
+from ..argtypes import (distinct, fraction, input_file, new_file, output_file, positive_float, positive_int, seed, size,
+                        unit_interval)
 from .guard import RegimeExceeded
-from .log import RequestLog
+from .log import CHECKPOINT_MAGIC, RequestLog, load_checkpoint
 from .log_format import read_log
 from .receipt import Receipt, history_table
 from .recipe import VALUE_DTYPES, make_recipe, train_recorded
 
-EXIT_BAD_INPUT, EXIT_REFUSED_BY_GUARD, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED_BY_GUARD, EXIT_INTERRUPTED = 1, 2, 3, 130
+_CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|[\x00-\x1f\x7f]")
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message as one printable line (no terminal escapes, no newlines)."""
+    return _CONTROL.sub(" ", str(e).split("\n")[0]).strip() or type(e).__name__
 
 
 def read_ids(path: str) -> List[int]:
-    """The sample ids of an ids file: one integer per line (blank lines ignored); ``ValueError`` naming the file
-    and the first bad line."""
+    """The sample ids of an ids file: one integer per line in ASCII digits (lines end at ``\\n``; a ``\\r``
+    before it, blank lines and a UTF-8 byte-order mark are ignored); ``ValueError`` naming the file and the
+    first bad line — nothing else is read as a number (``int()`` would take ``1_2`` or Arabic-Indic digits)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--ids: cannot read {path} ({e.strerror if isinstance(e, OSError) else e})") from None
     ids = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
+    for number, line in enumerate(text.split("\n"), 1):
+        word = line.rstrip("\r").strip(" \t")
+        if not word:
             continue
-        try:
-            value = int(line.strip())
-        except ValueError:
-            raise ValueError(f"--ids: {path} line {number} is not an integer: {line.strip()[:40]!r}") from None
-        if not 0 <= value < 2 ** 63:
-            raise ValueError(f"--ids: {path} line {number}: {value} is not a sample id (an integer >= 0)")
+        if not (word.isascii() and word.isdigit()):
+            raise ValueError(f"--ids: {path} line {number} is not a sample id (ASCII digits): {word[:40]!r}")
+        value = int(word)
+        if value >= 2 ** 63:
+            raise ValueError(f"--ids: {path} line {number}: {value} is not a sample id (an integer in [0, 2**63))")
         ids.append(value)
     if not ids:
         raise ValueError(f"--ids: {path} holds no id")
     return ids
-
-
-def _new_file(flag: str, path: str) -> None:
-    """``path`` must not exist and its folder must be writable."""
-    if os.path.exists(path):
-        raise ValueError(f"{flag}: {path} exists; it is never overwritten: remove it or choose another path")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ValueError(f"{flag}: cannot write {path} ({folder} is not a writable folder)")
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -92,10 +93,9 @@ def train_main(argv=None, prog: str = "unlearn-ext train") -> int:
     args = p.parse_args(argv)
     log_path = args.store + ".requests"
     try:
-        for flag, path in (("--store", args.store), ("--out", args.out), ("--store", log_path)):
-            _new_file(flag, path)
-        if os.path.abspath(args.store) == os.path.abspath(args.out):
-            raise ValueError("--out must differ from --store")
+        distinct({"--store": args.store, "--out": args.out, "--store's log": log_path})
+        for flag, path in (("--store", args.store), ("--out", args.out), ("--store (its log)", log_path)):
+            new_file(flag, path)
         splits = data.load_dataset(args.dataset, args.root, train_size=args.train_size or None, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e).splitlines()[0])
@@ -110,10 +110,13 @@ def train_main(argv=None, prog: str = "unlearn-ext train") -> int:
         model, store, seconds = train_recorded(splits, recipe, args.store, progress=not args.no_progress)
         atomic_save(model.state_dict(), args.out)
         RequestLog.create(log_path, store, model, recipe=recipe)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; {args.out} not written (the store {args.store} holds the steps recorded so far "
-              "and is not usable for this run: remove it)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except (KeyboardInterrupt, ValueError, OSError) as e:  # a diverged run (NaN updates), a full disk, Ctrl-C
+        for path in (log_path, args.out, args.store):  # each was checked absent: all are this run's
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {_one_line(e)}"
+        print(f"{prog}: {what}; nothing kept (the partial store was removed)", file=sys.stderr)
+        return EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_FAILED
     print(f"trained {args.model} on {len(splits.train)} {splits.name} images for {args.epochs} epoch(s) in "
           f"{seconds:.1f} s; recorded {len(store)} steps ({store.nbytes():,} bytes) into {args.store}; wrote "
           f"{args.out} and the request log {log_path}")
@@ -137,22 +140,27 @@ def forget_main(argv=None, prog: str = "unlearn-ext forget") -> int:
                    help="the guard's limit on the fraction of recorded steps undone (default: from the measured "
                         "regime of the store's keep ratio)")
     p.add_argument("--log", default=None, help="the request log (default: the first store's path + .requests)")
+    p.add_argument("--new-log", action="store_true",
+                   help="start the log: --checkpoint is the recorded run's trained model (`train` makes the log; a "
+                        "store recorded in Python has none yet). Refused when the log exists")
     p.add_argument("--dataset", default=None, choices=data.available_datasets(),
                    help="audit: accuracy and membership figures before and after, on this data set")
     p.add_argument("--model", default=None, choices=models.available_models(),
-                   help="audit: the registry model (default: the log's recipe)")
-    p.add_argument("--root", default=None, help="audit: data root")
+                   help="audit (with --dataset): the registry model (default: the log's recipe)")
+    p.add_argument("--root", default=None, help="audit (with --dataset): data root")
     p.add_argument("--json", action="store_true", help="print the receipt as JSON")
     args = p.parse_args(argv)
+    log_path = args.log or args.store[0] + ".requests"
     try:
+        _check_forget_paths(args, log_path)
         ids = read_ids(args.ids)
         if args.request_id is not None and (not args.request_id or not args.request_id.isprintable()):
             raise ValueError(f"--request-id must be printable and non-empty, got {args.request_id!r}")
-        for path in args.store:
-            if not os.path.isfile(path):
-                raise ValueError(f"--store: {path} does not exist")
         stores = [DiskStore(path) for path in args.store]
-        log = RequestLog(args.log or args.store[0] + ".requests", stores)
+        if args.new_log:
+            log = RequestLog.create(log_path, stores, load_checkpoint(args.checkpoint))
+        else:
+            log = RequestLog(log_path, stores)
         audit = _audit(args, log, ids) if args.dataset else None
         receipt = log.forget_checkpoint(args.checkpoint, args.out, args.request_id, ids,
                                         max_undone=args.max_undone, audit=audit)
@@ -160,27 +168,60 @@ def forget_main(argv=None, prog: str = "unlearn-ext forget") -> int:
         print(f"{prog}: refused: {e}", file=sys.stderr)
         return EXIT_REFUSED_BY_GUARD
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        p.error(str(e).splitlines()[0])
+        p.error(_one_line(e))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; the request was not logged (run the same command again to serve it)",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:  # a full disk while writing the output or the log
+        print(f"{prog}: failed: {_one_line(e)}; the request was not logged (run the same command again to serve "
+              "it)", file=sys.stderr)
+        return EXIT_FAILED
+    if log.dropped is not None:
+        print(f"{prog}: note: the log's torn last entry ({log.dropped[1]} bytes at byte {log.dropped[0]}: a request "
+              "that was never acknowledged) was cut off", file=sys.stderr)
     print(json.dumps(receipt.to_dict() | {"status": receipt.status}, indent=1) if args.json else receipt.summary())
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _check_forget_paths(args, log_path: str) -> None:
+    """Every path of `forget` before any work (:mod:`unlearn_ext.argtypes`): the inputs exist, each store is
+    given once, the log exists (or, with --new-log, does not), --out is none of them."""
+    inputs = [("--store", input_file("--store", path)) for path in args.store]
+    if len({os.path.realpath(path) for _, path in inputs}) < len(inputs):
+        raise ValueError("--store: a store is given twice")
+    inputs += [("--checkpoint", input_file("--checkpoint", args.checkpoint)), ("--ids", input_file("--ids", args.ids))]
+    if args.new_log:
+        inputs.append(("--log", new_file("--log", log_path)))
+    else:
+        if not os.path.lexists(log_path):
+            raise ValueError(f"--log: {log_path} does not exist: `unlearn-ext train` creates a store's request log; "
+                             "start one for a store recorded in Python with --new-log (--checkpoint: the trained "
+                             "model). A log is never created silently: a new one would undo its steps again")
+        inputs.append(("--log", input_file("--log", log_path)))
+    distinct({f"{flag} #{i}": path for i, (flag, path) in enumerate(inputs)})
+    output_file("--out", args.out, inputs, replaceable=CHECKPOINT_MAGIC)
+    if (args.model or args.root) and not args.dataset:
+        raise ValueError("--model and --root are for the audit: give --dataset too")
 
 
 def _audit(args, log: RequestLog, ids: List[int]):
     """The audit of ``--dataset`` (the data split as the log's recipe trained on it, when the log has one)."""
     from .audit import Audit
 
-    recipe = log.header().get("recipe") if os.path.exists(log.path) else None
-    recipe = recipe or {}
+    recipe = log.header().get("recipe") or {}
     model = args.model or recipe.get("model")
     if model is None:
         raise ValueError("--model: the audit needs the registry model (this log has no training recipe)")
     splits = data.load_dataset(args.dataset, args.root or recipe.get("root"), train_size=recipe.get("train_size"),
                                seed=recipe.get("seed", 0))
+    net = models.make_model(model, splits.input_shape, splits.num_classes)
+    try:
+        net.load_state_dict(dict(load_checkpoint(args.checkpoint)))
+    except RuntimeError as e:
+        raise ValueError(f"--model: --checkpoint is not a state_dict of {model} for {splits.name} "
+                         f"({_one_line(e)[:200]})") from None
     return Audit(splits, model, ids, seed=recipe.get("seed", 0))
 
 
@@ -195,9 +236,17 @@ def requests_main(argv=None, prog: str = "unlearn-ext requests") -> int:
         header, receipts, torn = read_receipts(args.log)
     except (ValueError, OSError) as e:
         p.error(str(e).splitlines()[0])
+    try:
+        _print_history(args, header, receipts, torn)
+    except BrokenPipeError:  # `| head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _print_history(args, header: dict, receipts, torn) -> None:
     if args.json:
         print(json.dumps({"header": header, "requests": [r.to_dict() for r in receipts]}, indent=1))
-        return 0
+        return
     print(f"{args.log}: {len(receipts)} request(s) on a recording of {header.get('recorded_steps')} steps "
           f"(model {header.get('store_fingerprint')}, keep ratio {header.get('store_keep_ratio')}); genesis "
           f"{str(header.get('genesis_sha256'))[:12]}")
@@ -205,7 +254,6 @@ def requests_main(argv=None, prog: str = "unlearn-ext requests") -> int:
         print(history_table(receipts))
     if torn is not None:
         print(f"(a torn end of {torn[1]} bytes at byte {torn[0]} was not read: a request that was not acknowledged)")
-    return 0
 
 
 def read_receipts(path: str):

@@ -34,6 +34,7 @@ import datetime
 import fcntl
 import hashlib
 import os
+import re
 import signal
 import time
 from typing import Callable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, Union
@@ -62,31 +63,39 @@ class RequestRefused(ValueError):
 
 
 class RequestLog:
-    """The request log at ``path`` for the recording in ``stores`` (module docstring). The file is created by
-    :meth:`create`, or by the first request served (its input state is then the genesis).
+    """The request log at ``path`` for the recording in ``stores`` (module docstring): an existing file
+    (``FileNotFoundError`` naming the path otherwise); :meth:`create` starts one.
 
-    ``recipe``: how the model was trained (``unlearn-ext train`` stores it), kept in the header of a log this
-    object creates."""
+    A log is never created implicitly: a second log for the same recording would undo its steps again."""
 
-    def __init__(self, path, stores: Union[UpdateStore, Sequence[UpdateStore]], *, recipe: Optional[dict] = None):
+    def __init__(self, path, stores: Union[UpdateStore, Sequence[UpdateStore]]):
         self.path = os.fspath(path)
         self.stores = _check_stores(stores)
         self.recording = recording_digest(self.stores[0])
-        self.recipe = recipe
         self.dropped: Optional[Tuple[int, int]] = None  # the torn end the last read dropped (offset, nbytes)
-        if os.path.exists(self.path):
-            with self._locked(shared=True):
-                pass  # reads and checks the binding
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"{self.path}: no request log there (`unlearn-ext train` makes one; "
+                                    "RequestLog.create(path, store, trained_model) starts one)")
+        with self._locked(shared=True):
+            pass  # reads and checks the binding
 
     @classmethod
     def create(cls, path, stores, state: Union[nn.Module, State], *, recipe: Optional[dict] = None) -> "RequestLog":
-        """A new log whose genesis is ``state`` (the trained model, or its ``state_dict``);
-        ``FileExistsError`` if ``path`` exists."""
-        log = cls.__new__(cls)
-        log.path, log.stores, log.recipe, log.dropped = os.fspath(path), _check_stores(stores), recipe, None
-        log.recording = recording_digest(log.stores[0])
-        os.close(log._create(state_digest(_state_and_tensors(log.stores, state)[0])))
-        return log
+        """Start the log of the recording in ``stores`` at ``path`` (``FileExistsError`` if it exists) with
+        ``state`` — the trained model, or its ``state_dict`` — as its genesis. ``recipe``: how the model was
+        trained (``unlearn-ext train`` stores it), kept in the header. Start it from the trained model
+        only: the steps of requests served before are not in it."""
+        stores = _check_stores(stores)
+        m = stores[0].manifest
+        header = {"kind": "unlearn_ext request log", "store_fingerprint": m.fingerprint,
+                  "store_keep_ratio": m.keep_ratio, "store_value_dtype": m.value_dtype,
+                  "recording_sha256": recording_digest(stores[0]), "recorded_steps": len(stores[0]),
+                  "stores": len(stores), "genesis_sha256": state_digest(_state_and_tensors(stores, state)[0]),
+                  "created_at": _now(), "unlearn_ext": __version__, "recipe": recipe}
+        os.close(create_whole(path, log_format.header_bytes(header), lambda: FileExistsError(
+            f"{os.fspath(path)} exists already: a request log is never replaced (open it with RequestLog(path, "
+            "store))")))
+        return cls(path, stores)
 
     # -- reading -----------------------------------------------------------------------------------
     @property
@@ -125,11 +134,6 @@ class RequestLog:
         state, tensors = _state_and_tensors(self.stores, target)
         start_wall, start = _now(), time.perf_counter()
         digest_in = state_digest(state)
-        if not os.path.exists(self.path):  # every check first, as if the log held only this genesis
-            empty = log_format.LogContents({"genesis_sha256": digest_in}, [], 0, None)
-            self._plan(empty, request_id, ids, digest_in, limit, max_undone)
-            with contextlib.suppress(FileExistsError):  # another process created it meanwhile: use that one
-                os.close(self._create(digest_in))
         with self._locked() as contents:
             plan = self._plan(contents, request_id, ids, digest_in, limit, max_undone)
             if plan.prior is not None:
@@ -240,16 +244,6 @@ class RequestLog:
         r = self.manifest.keep_ratio
         return "amnesiac (dense, no fine-tune)" if r is None else f"partial_amnesiac r={r:g} (no fine-tune)"
 
-    def _create(self, genesis: str) -> int:
-        m = self.manifest
-        header = {"kind": "unlearn_ext request log", "store_fingerprint": m.fingerprint,
-                  "store_keep_ratio": m.keep_ratio, "store_value_dtype": m.value_dtype,
-                  "recording_sha256": self.recording, "recorded_steps": len(self.stores[0]),
-                  "stores": len(self.stores), "genesis_sha256": genesis, "created_at": _now(),
-                  "unlearn_ext": __version__, "recipe": self.recipe}
-        return create_whole(self.path, log_format.header_bytes(header), lambda: FileExistsError(
-            f"{self.path} exists already: a request log is never replaced (open it with RequestLog(path, store))"))
-
     @contextlib.contextmanager
     def _locked(self, shared: bool = False) -> Iterator[log_format.LogContents]:
         """The log read under its ``flock`` (exclusive to serve, shared to read) and checked against the stores."""
@@ -271,6 +265,11 @@ class RequestLog:
             raise ValueError(f"{self.path} is the request log of a model with fingerprint "
                              f"{header.get('store_fingerprint')}, but the store holds {m.fingerprint}")
         if header.get("recording_sha256") != self.recording:
+            dropped = getattr(self.stores[0], "dropped", None)
+            if dropped and header.get("recorded_steps", 0) > len(self.stores[0]):
+                raise ValueError(f"{self.stores[0]!r} lost records since {self.path} was made ({dropped}): their "
+                                 "updates can no longer be undone, so no request is served from it; restore the "
+                                 "store from a copy")
             raise ValueError(f"{self.path} is the request log of another recording (its steps and sample ids differ "
                              f"from {self.stores[0]!r}'s: {header.get('recorded_steps')} recorded steps there, "
                              f"{len(self.stores[0])} here); give the store the log was made for")
@@ -316,6 +315,10 @@ class _Audit:
             self.seconds += time.perf_counter() - start
 
 
+#: The first bytes of a ``torch.save`` file (a zip archive): what an output checkpoint may replace.
+CHECKPOINT_MAGIC = b"PK\x03\x04"
+
+
 def load_checkpoint(path: str) -> State:
     """The ``state_dict`` saved at ``path`` (CPU tensors); ``RequestRefused`` naming ``--checkpoint`` if it is
     missing or not a dict of tensors."""
@@ -324,8 +327,9 @@ def load_checkpoint(path: str) -> State:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (any unreadable file is the same bad input)
+        reason = re.sub(r"\x1b\[[0-9;]*[A-Za-z]|[\x00-\x1f\x7f]", " ", str(e).split("\n")[0]).strip()[:200]
         raise RequestRefused(f"--checkpoint: {path} is not a torch.save file of a state_dict "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                             f"({type(e).__name__}: {reason})") from None
     if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor)
                                                  for k, v in state.items()):
         raise RequestRefused(f"--checkpoint: {path} does not hold a state_dict (a dict of name → tensor, "

@@ -17,11 +17,12 @@ What a log file promises:
 * Creation is atomic and never replaces a log (:func:`unlearn_ext.durable.create_whole`): a log is absent
   or has its whole header.
 * An entry is appended by one ``write`` after the request's output is durable, then fsynced; a kill during
-  it leaves at most one torn entry, at the end. Reading back drops a torn (or damaged) end and reports it:
-  that request was not acknowledged, and running it again serves it (its output is recomputed, bitwise the
-  same). The next append cuts the torn end off first.
-* A damaged entry *followed by intact ones* cannot be a torn write: the log no longer says which steps
-  were undone, so reading it raises ``ValueError`` naming the byte offset, and no request is served from it.
+  it leaves at most one torn entry — a prefix of it — at the end. Reading back drops a torn end (cut short)
+  and reports it: that request was not acknowledged, and running it again serves it (its output is
+  recomputed, bitwise the same). The next append cuts the torn end off first.
+* Any other damage — an entry followed by intact ones, or a whole last entry that fails its checksum (a kill
+  writes a prefix, never wrong bytes: it may be an acknowledged request) — means the log no longer says which
+  steps were undone: reading it raises ``ValueError`` naming the byte offset, and no request is served from it.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ from ..record.disk_format import REC_HEADER, check_frame, frame_header
 LOG_HEADER = struct.Struct("<8sIII")  # magic, version, JSON length, crc32 of the JSON
 LOG_MAGIC, LOG_VERSION = b"ULXRQLOG", 1
 ENTRY_MAGIC = b"ULXQ"
+#: Why an entry at the end may fail that only a write stopped part-way explains (a kill writes a prefix).
+TORN = ("header cut short", "cut short")
 
 
 def header_bytes(header: dict) -> bytes:
@@ -91,11 +94,13 @@ def read_log(fd: int, path: str) -> LogContents:
         entry = None if frame is None else _json_object(data[offset + REC_HEADER.size:offset + frame])
         if entry is None:
             later = _next_intact(data, offset + 1)
-            if later is not None:
-                raise ValueError(f"{path}: the log entry at byte {offset} is damaged ({reason or 'not a JSON object'}) "
-                                 f"and an intact one follows at byte {later}: the log no longer says which steps "
-                                 "were undone, so no request can be served from it")
-            return LogContents(header, entries, offset, (offset, len(data) - offset))
+            if later is None and reason in TORN:
+                return LogContents(header, entries, offset, (offset, len(data) - offset))
+            why = (f"an intact one follows at byte {later}" if later is not None else
+                   "it is whole but fails its checksum, so it is no torn write and may be an acknowledged request")
+            raise ValueError(f"{path}: the log entry at byte {offset} is damaged ({reason or 'not a JSON object'}) "
+                             f"and {why}: the log no longer says which steps were undone, so no request can be "
+                             "served from it; restore it from a copy")
         entries.append(entry)
         offset += frame
     return LogContents(header, entries, offset, None)

@@ -184,6 +184,7 @@ class UpdateRecorder:
         self.skipped_steps = 0
         self._outside_counted = 0
         self._closed = False
+        self._open = False  # inside step(): steps do not nest
         self._pending: List[Tensor] = []
         numels = self._numels = [p.numel() for p in tensors]
         self._offsets = torch.tensor([0] + numels, dtype=torch.int64, device=p0.device).cumsum(0)
@@ -234,6 +235,9 @@ class UpdateRecorder:
         if self._closed:
             raise ValueError("step() on a closed UpdateRecorder: its recording has ended; record further steps "
                              "with a new UpdateRecorder")
+        if self._open:
+            raise ValueError("step() inside another step() of this recorder: steps do not nest (one optimizer step "
+                             "per step(); call add_ids() for the micro-batches of an accumulated step)")
         self._refuse_unrecorded_training()
         parts = self._pending + ([] if sample_ids is None else [as_id_tensor(sample_ids)])
         if not parts:
@@ -255,6 +259,7 @@ class UpdateRecorder:
             self._outside_counted = counter.outside
             taken = counter.steps
             counter.inside = True
+        self._open = True
         try:
             yield
         except BaseException:
@@ -264,6 +269,7 @@ class UpdateRecorder:
             self._finish(ids, take)  # the update happened before the exception: record it, then re-raise
             raise
         finally:
+            self._open = False
             if counter is not None:
                 counter.inside = False
         if taken is not None and counter.steps == taken:

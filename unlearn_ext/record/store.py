@@ -235,6 +235,7 @@ class UpdateStore:
         self.check_tensors(tensors)
         targets = [sharding.target(name, tensors[name], m.shards, i, shape)
                    for i, (name, shape) in enumerate(zip(m.names, m.shapes))]
+        _refuse_overlap(m.names, targets)
         dense = [t if t.is_contiguous() else t.contiguous() for t in targets]
         groups: List[List[int]] = []
         size = 0
@@ -353,6 +354,24 @@ class UpdateStore:
             return self._pos[int(step)]
         except KeyError:
             raise ValueError(f"step {step} is not in {self!r}") from None
+
+
+def _refuse_overlap(names: Sequence[str], targets: Sequence[Tensor]) -> None:
+    """``ValueError`` when two layers' tensors reach into the same bytes: the op sees only the contiguous copies
+    of strided ones, and writing them back would overwrite one layer with the other. Strided views are judged by
+    their extent, so two interleaved views of one buffer are refused too."""
+    spans: Dict[int, List[Tuple[str, int, int]]] = {}
+    for name, t in zip(names, targets):
+        if t.numel() == 0:
+            continue
+        lo = t.storage_offset() * t.element_size()
+        hi = lo + (1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))) * t.element_size()
+        key = t.untyped_storage().data_ptr()
+        for other, olo, ohi in spans.get(key, []):
+            if lo < ohi and olo < hi:
+                raise ValueError(f"the tensors of layers {other!r} and {name!r} share memory: applying to one would "
+                                 "overwrite the other; give each layer its own tensor (nothing was applied)")
+        spans.setdefault(key, []).append((name, lo, hi))
 
 
 def _blocks(m: Manifest):
