@@ -130,16 +130,20 @@ def _mean_std(xs: List[float]) -> str:
 
 def report(doc: Dict, path: str) -> None:
     runs = doc["runs"]
+    loads = ", ".join(f"{r['model']} seed {r['seed']} {r['environment']['load_average_at_end']:.1f}" for r in runs)
     lines = ["# A stream of single-sample deletion requests", "",
              f"Generated from `{os.path.basename(path)}` by `python benchmarks/request_stream.py --report {path}`. "
              f"Machine: {doc['machine'].get('Model name')}, {doc['machine']['cpu_count']} CPUs, torch "
              f"{doc['machine']['torch']}, {runs[0]['environment']['threads']} threads.", "",
              f"Fashion-MNIST, {runs[0]['train_size']:,} training images, {runs[0]['epochs']} epochs at batch 128, "
-             "Adam at the model's rate, deterministic; partial updates recorded at r = {KEEP_RATIO} (float32). Each request forgets one "
+             f"Adam at the model's rate, deterministic; partial updates recorded at r = {KEEP_RATIO} (float32). Each request forgets one "
              "random training image; the stream runs with the guard lifted, and the default guard's limit "
              f"({100 * runs[0]['default_limit']:.2f} % of recorded steps, from amnesiac_regime.md) marks where it "
-             "would have refused. TA: the reported test half (5,000 images). ms: the request's work in the log "
-             "(digests, apply, log entry), model in memory.", ""]
+             "would have refused. TA: the reported test half (5,000 images). FA on its id: whether the model still "
+             "classifies the request's image right (Retrain classifies most of them right too: see the end state). "
+             "ms: the request's work in the log (digests, apply, log entry), model in memory. Times are wall time on "
+             "a 2-core machine shared with other jobs (load average at the end of each run: "
+             f"{loads}).", ""]
     for model in sorted({r["model"] for r in runs}):
         mine = [r for r in runs if r["model"] == model]
         n = len(mine[0]["requests"])
