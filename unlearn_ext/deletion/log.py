@@ -43,8 +43,9 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..durable import atomic_save, crash_budget, crash_point, create_whole, deferred_interrupts
+from ..durable import atomic_save, crash_budget, crash_point, create_whole
 from ..record import UpdateStore
+from ..record.store import restored_on_failure
 from ..record.identity import named_parameters, unwrap_model
 from ..record.sharding import is_sharded
 from ..record.validation import as_id_tensor
@@ -216,16 +217,14 @@ class RequestLog:
         if digest_in == prior["sha256_after"]:
             status = ALREADY_SERVED
         elif digest_in == prior["sha256_before"]:
-            backup = {k: t.clone() for k, t in tensors.items()}
-            _apply(self.stores, tensors, prior["steps_new"])
-            digest_out = state_digest(state)
-            if digest_out != prior["sha256_after"]:
-                with deferred_interrupts():
-                    for k, t in tensors.items():
-                        t.copy_(backup[k])
-                raise RuntimeError(f"request {rid!r} redone on its logged input gave {digest_out[:16]}…, not its "
-                                   f"logged output {prior['sha256_after'][:16]}…: the apply was not reproducible "
-                                   "(another backend or thread count?); the state was left as given")
+            with restored_on_failure(tensors.values()):
+                _apply(self.stores, tensors, prior["steps_new"])
+                digest_out = state_digest(state)
+                if digest_out != prior["sha256_after"]:
+                    raise RuntimeError(f"request {rid!r} redone on its logged input gave {digest_out[:16]}…, not its "
+                                       f"logged output {prior['sha256_after'][:16]}…: the apply was not "
+                                       "reproducible (another backend or thread count?); the state was left as "
+                                       "given")
             status = REDONE
         else:
             raise RequestRefused(f"request {rid!r} was served on {prior['sha256_before'][:16]}… giving "
@@ -382,18 +381,9 @@ def _apply(stores: List[UpdateStore], tensors: dict, steps: List[int]) -> None:
     """Undo ``steps`` of every store (each rank's blocks) in place, all or nothing across the stores."""
     if not steps:
         return
-    if len(stores) == 1:
-        stores[0].apply_to(tensors, steps, alpha=-1.0)
-        return
-    backup = {k: t.clone() for k, t in tensors.items()}
-    try:
+    with restored_on_failure(tensors.values(), copy=len(stores) > 1):  # one store's apply_to is all or nothing
         for s in stores:
             s.apply_to(tensors, steps, alpha=-1.0)
-    except BaseException:
-        with deferred_interrupts():
-            for k, t in tensors.items():
-                t.copy_(backup[k])
-        raise
 
 
 def _undone(entries) -> Set[int]:

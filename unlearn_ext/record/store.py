@@ -12,6 +12,7 @@ bytes of the on-disk format (:mod:`.disk_format`) for both stores.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -248,18 +249,11 @@ class UpdateStore:
             size += n
         # One group is read and verified whole before its one call changes anything; with several, a later
         # group can fail after an earlier one was applied, so the tensors are copied first.
-        backup = [t.clone() for t in targets] if len(groups) > 1 else None
         with torch.no_grad():
-            try:
+            with restored_on_failure(targets, copy=len(groups) > 1):
                 for group in groups:
                     values, indices, offsets = self.load_batch(group, device=dense[0].device)
                     ops.sparse_accumulate_(dense, values, indices, offsets, alpha)
-            except BaseException:
-                if backup is not None:
-                    with deferred_interrupts():
-                        for t, b in zip(targets, backup):
-                            t.copy_(b)
-                raise
             with deferred_interrupts():
                 for t, d in zip(targets, dense):
                     if d is not t:
@@ -356,6 +350,23 @@ class UpdateStore:
             raise ValueError(f"step {step} is not in {self!r}") from None
 
 
+@contextlib.contextmanager
+def restored_on_failure(tensors: Iterable[Tensor], copy: bool = True) -> Iterator[None]:
+    """Run the block over ``tensors``; if it raises (Ctrl-C included), put every tensor back as it was before
+    the block — from a copy taken on entry (``copy=False``: no copy, for a block that cannot fail after it
+    changed them) — and re-raise. The putting back is not cut short by a second Ctrl-C."""
+    tensors = list(tensors)
+    backup = [t.clone() for t in tensors] if copy else None
+    try:
+        yield
+    except BaseException:
+        if backup is not None:
+            with deferred_interrupts(), torch.no_grad():
+                for t, b in zip(tensors, backup):
+                    t.copy_(b)
+        raise
+
+
 def _refuse_overlap(names: Sequence[str], targets: Sequence[Tensor]) -> None:
     """``ValueError`` when two layers' tensors reach into the same bytes: the op sees only the contiguous copies
     of strided ones, and writing them back would overwrite one layer with the other. Strided views are judged by
@@ -406,4 +417,4 @@ class MemoryStore(UpdateStore):
         return f"MemoryStore({len(self)} records)"
 
 
-__all__ = ["MemoryStore", "RecordInfo", "StoredUpdate", "UpdateStore"]
+__all__ = ["MemoryStore", "RecordInfo", "StoredUpdate", "UpdateStore", "restored_on_failure"]
