@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 from typing import List
 
@@ -27,18 +26,17 @@ from ..record import DiskStore
 from ..argtypes import (distinct, fraction, input_file, new_file, output_file, positive_float, positive_int, seed, size,
                         unit_interval)
 from .guard import RegimeExceeded
-from .log import CHECKPOINT_MAGIC, RequestLog, load_checkpoint
+from .log import CHECKPOINT_MAGIC, RequestLog, load_checkpoint, printable, save_to
 from .log_format import read_log
 from .receipt import Receipt, history_table
 from .recipe import VALUE_DTYPES, make_recipe, train_recorded
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED_BY_GUARD, EXIT_INTERRUPTED = 1, 2, 3, 130
-_CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|[\x00-\x1f\x7f]")
 
 
 def _one_line(e: BaseException) -> str:
-    """An exception's message as one printable line (no terminal escapes, no newlines)."""
-    return _CONTROL.sub(" ", str(e).split("\n")[0]).strip() or type(e).__name__
+    """An exception's message as one printable line (its type when it has none)."""
+    return printable(str(e)) or type(e).__name__
 
 
 def read_ids(path: str) -> List[int]:
@@ -157,13 +155,14 @@ def forget_main(argv=None, prog: str = "unlearn-ext forget") -> int:
         if args.request_id is not None and (not args.request_id or not args.request_id.isprintable()):
             raise ValueError(f"--request-id must be printable and non-empty, got {args.request_id!r}")
         stores = [DiskStore(path) for path in args.store]
+        state = load_checkpoint(args.checkpoint)  # once: the log's genesis (--new-log), the audit and the request
         if args.new_log:
-            log = RequestLog.create(log_path, stores, load_checkpoint(args.checkpoint))
+            log = RequestLog.create(log_path, stores, state)
         else:
             log = RequestLog(log_path, stores)
-        audit = _audit(args, log, ids) if args.dataset else None
-        receipt = log.forget_checkpoint(args.checkpoint, args.out, args.request_id, ids,
-                                        max_undone=args.max_undone, audit=audit)
+        audit = _audit(args, log, ids, state) if args.dataset else None
+        receipt = log.forget(state, args.request_id, ids, max_undone=args.max_undone, audit=audit,
+                             commit=save_to(args.out))  # --out was checked to be no input (the checkpoint too)
     except RegimeExceeded as e:
         print(f"{prog}: refused: {e}", file=sys.stderr)
         return EXIT_REFUSED_BY_GUARD
@@ -206,7 +205,7 @@ def _check_forget_paths(args, log_path: str) -> None:
         raise ValueError("--model and --root are for the audit: give --dataset too")
 
 
-def _audit(args, log: RequestLog, ids: List[int]):
+def _audit(args, log: RequestLog, ids: List[int], state):
     """The audit of ``--dataset`` (the data split as the log's recipe trained on it, when the log has one)."""
     from .audit import Audit
 
@@ -218,7 +217,7 @@ def _audit(args, log: RequestLog, ids: List[int]):
                                seed=recipe.get("seed", 0))
     net = models.make_model(model, splits.input_shape, splits.num_classes)
     try:
-        net.load_state_dict(dict(load_checkpoint(args.checkpoint)))
+        net.load_state_dict(dict(state))
     except RuntimeError as e:
         raise ValueError(f"--model: --checkpoint is not a state_dict of {model} for {splits.name} "
                          f"({_one_line(e)[:200]})") from None

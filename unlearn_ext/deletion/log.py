@@ -171,9 +171,8 @@ class RequestLog:
         if os.path.abspath(out) == os.path.abspath(checkpoint):
             raise RequestRefused("--out must differ from --checkpoint: the input stays as it is, so that a retry "
                                  "can redo the request from it")
-        state = load_checkpoint(checkpoint)
-        return self.forget(state, request_id, sample_ids, max_undone=max_undone, audit=audit,
-                           commit=lambda s: atomic_save(dict(s), out))
+        return self.forget(load_checkpoint(checkpoint), request_id, sample_ids, max_undone=max_undone, audit=audit,
+                           commit=save_to(out))
 
     # -- helpers -----------------------------------------------------------------------------------
     def _plan(self, contents: log_format.LogContents, request_id: str, ids: List[int], digest_in: str, limit: float,
@@ -314,8 +313,22 @@ class _Audit:
             self.seconds += time.perf_counter() - start
 
 
+_CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|[\x00-\x1f\x7f]")  # terminal escapes, control characters
+
+
+def printable(text: str) -> str:
+    """The first line of ``text`` without terminal escapes or control characters: safe in a one-line message
+    (a pickled object's error can hold both)."""
+    return _CONTROL.sub(" ", text.split("\n")[0]).strip()
+
+
 #: The first bytes of a ``torch.save`` file (a zip archive): what an output checkpoint may replace.
 CHECKPOINT_MAGIC = b"PK\x03\x04"
+
+
+def save_to(out) -> Callable[[State], None]:
+    """The ``commit`` of :meth:`RequestLog.forget` that writes the output state to ``out`` atomically and durably."""
+    return lambda state: atomic_save(dict(state), out)
 
 
 def load_checkpoint(path: str) -> State:
@@ -326,7 +339,7 @@ def load_checkpoint(path: str) -> State:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (any unreadable file is the same bad input)
-        reason = re.sub(r"\x1b\[[0-9;]*[A-Za-z]|[\x00-\x1f\x7f]", " ", str(e).split("\n")[0]).strip()[:200]
+        reason = printable(str(e))[:200]
         raise RequestRefused(f"--checkpoint: {path} is not a torch.save file of a state_dict "
                              f"({type(e).__name__}: {reason})") from None
     if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor)
@@ -417,4 +430,4 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
-__all__ = ["RequestLog", "RequestRefused", "load_checkpoint"]
+__all__ = ["CHECKPOINT_MAGIC", "RequestLog", "RequestRefused", "load_checkpoint", "printable", "save_to"]
