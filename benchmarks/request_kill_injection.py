@@ -64,7 +64,7 @@ def main(argv=None) -> int:
              "with A, D's steps are all A's). Each trial copies the folder as it was before one request, runs "
              "`unlearn-ext forget` for it in a forked child that is SIGKILLed — at a named crash point, or after a "
              f"uniformly random delay within 70 % of the shortest uninterrupted run ({1000 * scenario.seconds:.0f} ms, "
-             "fork to exit) — and runs the same command again. The promise: the rerun exits 0, its output is "
+             "from the fork's return to exit) — and runs the same command again. The promise: the rerun exits 0, its output is "
              "bitwise the uninterrupted run's, the log holds the requests served so far once each with the "
              "uninterrupted run's receipts, and no temporary file is left.", "",
              f"**Broken promises: {len(failures)}** of {len(trials)} trials ({len(killed)} children killed while "

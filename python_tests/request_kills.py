@@ -45,7 +45,7 @@ class Scenario:
     """A trained, recorded model and the uninterrupted run of its requests: ``before[i]`` is the folder as it
     was before request i, ``digests[i]`` its output's SHA-256, ``entries`` the log's receipts (without
     :data:`VOLATILE` fields), ``entry_sizes[i]`` the bytes of request i's log entry, ``seconds`` the shortest
-    request's run (fork to exit)."""
+    request's run (from the fork's return to the child's exit)."""
 
     root: str
     before: List[str]
@@ -141,8 +141,9 @@ def make_scenario(root: str) -> Scenario:
         shutil.copytree(work, snapshot)
         before.append(snapshot)
         log_size = os.path.getsize(os.path.join(work, "run.ulx.requests"))
-        t = time.perf_counter()
-        _, status = os.waitpid(_run_child(argv(work, i), None), 0)
+        pid = _run_child(argv(work, i), None)
+        t = time.perf_counter()  # from the fork's return, as the kill's delay counts (a fork here takes ~20 ms)
+        _, status = os.waitpid(pid, 0)
         seconds = min(seconds, time.perf_counter() - t)
         assert os.waitstatus_to_exitcode(status) == 0, f"request {rid} failed without a fault"
         digests.append(state_digest(torch.load(os.path.join(work, f"out-{rid}.pt"))))
