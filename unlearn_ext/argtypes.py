@@ -19,6 +19,14 @@ from typing import Dict, Iterable, Tuple
 SEED_LIMIT = 2**32
 
 
+def _as_float(text: str) -> float:
+    """``text`` as a float; NaN (which no range holds) when it is none."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -43,10 +51,7 @@ def size(text: str) -> int:
 def unit_interval(open_right: bool):
     """A number in (0, 1) or (0, 1]."""
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
+        value = _as_float(text)
         if not (0.0 < value < 1.0 if open_right else 0.0 < value <= 1.0):
             raise argparse.ArgumentTypeError(f"expected a number in (0, 1{')' if open_right else ']'}, got {text!r}")
         return value
@@ -55,20 +60,14 @@ def unit_interval(open_right: bool):
 
 def fraction(text: str) -> float:
     """A number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _as_float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
     return value
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _as_float(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
