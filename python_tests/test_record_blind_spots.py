@@ -42,10 +42,13 @@ def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _remove_every_step(store, model):
-    """Subtract the stored steps one at a time, last first (each subtraction exact, see _mlp)."""
+def _assert_removing_every_step_restores(store, model, initial):
+    """Subtract the stored steps one at a time, last first (each subtraction exact, see _mlp): the model must
+    be ``initial`` bit for bit."""
     for step in reversed(store.steps()):
         store.apply(model, [step], alpha=-1.0)
+    for p, q in zip(model.parameters(), initial):
+        assert torch.equal(p, q)
 
 
 class _AfterStep(Exception):
@@ -76,9 +79,7 @@ def test_a_step_that_raises_after_the_optimizer_stepped_is_recorded_with_its_ids
     assert rec.store.steps() == [0, 1, 2, 3, 4] and rec.step_count == 5
     for s in range(5):
         assert rec.store.sample_ids(s).tolist() == list(range(8 * s, 8 * s + 8))
-    _remove_every_step(rec.store, model)
-    for p, q in zip(model.parameters(), initial):
-        assert torch.equal(p, q)
+    _assert_removing_every_step_restores(rec.store, model, initial)
 
 
 def test_a_nan_guard_after_a_nan_update_raises_that_the_update_cannot_be_stored():
@@ -133,9 +134,7 @@ def test_an_optimizer_that_raises_part_way_through_its_update_records_what_moved
             opt.step()
     assert rec.store.steps() == [0] and rec.store.sample_ids(0).tolist() == list(range(8))
     assert not torch.equal(model[0].weight, initial[0])
-    _remove_every_step(rec.store, model)
-    for p, q in zip(model.parameters(), initial):
-        assert torch.equal(p, q)
+    _assert_removing_every_step_restores(rec.store, model, initial)
 
 
 # -- parameters trained but not recorded ---------------------------------------------------------------
@@ -225,9 +224,7 @@ def test_a_recorded_layer_frozen_later_simply_records_no_change(keep_ratio):
     for rec_s in rec.store.records([2, 3]):
         assert rec_s.offsets.diff()[:2].tolist() == [0, 0]  # the frozen layer's segments are empty
     if keep_ratio is None:
-        _remove_every_step(rec.store, model)
-        for p, q in zip(model.parameters(), initial):
-            assert torch.equal(p, q)
+        _assert_removing_every_step_restores(rec.store, model, initial)
 
 
 # -- optimizer steps outside rec.step() ----------------------------------------------------------------
