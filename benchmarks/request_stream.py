@@ -59,7 +59,7 @@ def one_run(model_name: str, seed: int, n_requests: int, workdir: str, train_siz
     recipe = make_recipe(splits, model_name, train_size=train_size, seed=seed, epochs=epochs, keep_ratio=KEEP_RATIO,
                          value_dtype="float32")
     store_path = os.path.join(workdir, f"{model_name}-{seed}.ulx")
-    model, store, train_seconds = train_recorded(splits, recipe, store_path)
+    model, store, train_seconds, _ = train_recorded(splits, recipe, store_path)
     store = DiskStore(store_path)
     g = torch.Generator().manual_seed(10_000 + seed)
     ids = splits.train.ids[torch.randperm(len(splits.train), generator=g)[:n_requests]].tolist()
@@ -101,7 +101,7 @@ def one_run(model_name: str, seed: int, n_requests: int, workdir: str, train_siz
     at_once_model = _model_with(model_name, splits, at_once)
 
     forget_ds, retain_ds = data.split_forget(splits.train, torch.tensor(ids))
-    retrain, _, retrain_seconds = train_recorded(splits, recipe, None, train_set=retain_ds)
+    retrain, _, retrain_seconds, _ = train_recorded(splits, recipe, None, train_set=retain_ds)
     fa = {name: _accuracy(m, forget_ds) for name, m in (("original", _model_with(model_name, splits, original)),
                                                         ("stream", model), ("at_once", at_once_model),
                                                         ("retrain", retrain))}

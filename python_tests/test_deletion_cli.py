@@ -193,7 +193,7 @@ def test_forget_checks_the_audit_arguments_before_any_work(run, capsys):
     ids = _ids(run, "a.txt", list(range(12)))
     before = _snapshot(run)
     _refused(capsys, lambda: _forget(run, ids, "model.pt", "o.pt", "--model", "lenet"), 2,
-             "--model and --root are for the audit: give --dataset too")
+             "--model is for the audit: give --dataset too")
     _refused(capsys, lambda: _forget(run, ids, "model.pt", "o.pt", "--max-undone", "1", "--dataset", "digits",
                                      "--model", "lenet"), 2, "--checkpoint is not a state_dict of lenet for digits")
     assert _snapshot(run) == before

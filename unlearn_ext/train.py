@@ -56,6 +56,18 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.op
     raise ValueError(f"optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, ids,
+               recorders: Sequence = ()) -> None:
+    """One optimizer step of cross-entropy on ``(x, y)``, wrapped in every recorder's ``step(ids)``: the step of
+    :func:`train` and of a replayed run (:mod:`unlearn_ext.deletion.replay`), so that both are bitwise alike."""
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    with contextlib.ExitStack() as stack:
+        for rec in recorders:
+            stack.enter_context(rec.step(ids))
+        opt.step()
+
+
 def train(model: nn.Module, data, cfg: TrainConfig, recorders: Sequence = (), progress: Optional[str] = None,
           optimizer: Optional[torch.optim.Optimizer] = None) -> nn.Module:
     """Train ``model`` in place on a loader of ``(x, y, sample_id)`` batches for ``cfg.epochs`` epochs.
@@ -73,13 +85,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, recorders: Sequence = (), pr
     for _ in range(cfg.epochs):
         for batch in data:
             x, y, ids = unpack_batch(batch)
-            x, y = x.to(device), y.to(device)
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            with contextlib.ExitStack() as stack:
-                for rec in recorders:
-                    stack.enter_context(rec.step(ids))
-                opt.step()
+            train_step(model, opt, x.to(device), y.to(device), ids, recorders)
             if bar is not None:
                 bar.update(1)
     if bar is not None:

@@ -3,8 +3,11 @@
 * ``train`` trains a registry model on a registry data set while recording its updates into a new
   DiskStore; writes ``torch.save(model.state_dict())`` atomically and creates the store's request log
   (``STORE.requests``) with the trained state as its genesis and the training recipe in its header.
+  ``--checkpoint-every K`` keeps checkpoints for the exact tier in ``STORE.replay/``; ``--exclude-ids`` trains
+  the exact model without those ids from scratch (:mod:`.replay` defines it).
 * ``forget`` serves one deletion request (:class:`~.log.RequestLog`) on a checkpoint and writes the output
-  checkpoint. Exit 0 when served (or already served, or redone bitwise), 2 on bad input (one line), 3 when
+  checkpoint. The router picks the tier (``--tier``/``--exact``; ``--dry-run`` prints its choice and the cost
+  estimate only). Exit 0 when served (or already served, or redone bitwise), 2 on bad input (one line), 3 when
   the guard refuses (one line naming the fraction and the limit). Nothing is written on a refusal.
 * ``requests`` prints a log's history, one row per request (``--json``: the receipts).
 
@@ -16,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 from typing import List
 
@@ -26,10 +30,11 @@ from ..record import DiskStore
 from ..argtypes import (distinct, fraction, input_file, new_file, output_file, positive_float, positive_int, seed, size,
                         unit_interval)
 from .guard import RegimeExceeded
-from .log import CHECKPOINT_MAGIC, RequestLog, load_checkpoint, printable, save_to
+from .log import CHECKPOINT_MAGIC, TIERS, RequestLog, load_checkpoint, printable, save_to
 from .log_format import read_log
 from .receipt import Receipt, history_table
 from .recipe import VALUE_DTYPES, make_recipe, train_recorded
+from .replay import OPTIMIZERS, SCHEDULES, Checkpoints
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED_BY_GUARD, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -39,7 +44,7 @@ def _one_line(e: BaseException) -> str:
     return printable(str(e)) or type(e).__name__
 
 
-def read_ids(path: str) -> List[int]:
+def read_ids(path: str, flag: str = "--ids") -> List[int]:
     """The sample ids of an ids file: one integer per line in ASCII digits (lines end at ``\\n``; a ``\\r``
     before it, blank lines and a UTF-8 byte-order mark are ignored); ``ValueError`` naming the file and the
     first bad line — nothing else is read as a number (``int()`` would take ``1_2`` or Arabic-Indic digits)."""
@@ -47,20 +52,20 @@ def read_ids(path: str) -> List[int]:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--ids: cannot read {path} ({e.strerror if isinstance(e, OSError) else e})") from None
+        raise ValueError(f"{flag}: cannot read {path} ({e.strerror if isinstance(e, OSError) else e})") from None
     ids = []
     for number, line in enumerate(text.split("\n"), 1):
         word = line.rstrip("\r").strip(" \t")
         if not word:
             continue
         if not (word.isascii() and word.isdigit()):
-            raise ValueError(f"--ids: {path} line {number} is not a sample id (ASCII digits): {word[:40]!r}")
+            raise ValueError(f"{flag}: {path} line {number} is not a sample id (ASCII digits): {word[:40]!r}")
         value = int(word)
         if value >= 2 ** 63:
-            raise ValueError(f"--ids: {path} line {number}: {value} is not a sample id (an integer in [0, 2**63))")
+            raise ValueError(f"{flag}: {path} line {number}: {value} is not a sample id (an integer in [0, 2**63))")
         ids.append(value)
     if not ids:
-        raise ValueError(f"--ids: {path} holds no id")
+        raise ValueError(f"{flag}: {path} holds no id")
     return ids
 
 
@@ -76,7 +81,11 @@ def train_main(argv=None, prog: str = "unlearn-ext train") -> int:
     p.add_argument("--train-size", type=size, default=0, help="seeded subsample (0: the whole split)")
     p.add_argument("--epochs", type=positive_int, default=8)
     p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=positive_float, default=None, help="Adam's learning rate (default: the model's)")
+    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
+    p.add_argument("--lr", type=positive_float, default=None, help="the learning rate (default: the model's Adam rate)")
+    p.add_argument("--lr-schedule", default="constant", choices=SCHEDULES,
+                   help="the learning rate by plan step: constant, or cosine down to 0 over the run")
+    p.add_argument("--weight-decay", type=fraction, default=0.0, help="the optimizer's weight decay")
     p.add_argument("--seed", type=seed, default=0,
                    help="initialisation, subsample and shuffle order")
     ratio = p.add_mutually_exclusive_group()
@@ -85,39 +94,65 @@ def train_main(argv=None, prog: str = "unlearn-ext train") -> int:
     p.add_argument("--value-dtype", default="float32", choices=sorted(VALUE_DTYPES))
     p.add_argument("--store", required=True, help="the update store to create")
     p.add_argument("--out", required=True, help="the trained state_dict (torch.save) to create")
+    p.add_argument("--checkpoint-every", type=size, default=0,
+                   help="keep model, optimizer and RNG state every K steps in STORE.replay/ for the exact tier "
+                        "(forget --exact); 0: none")
+    p.add_argument("--exclude-ids", default=None,
+                   help="a file of sample ids to leave out of every batch: the exact model without them")
     p.add_argument("--no-deterministic", action="store_true",
                    help="allow non-deterministic kernels (by default a run is bitwise reproducible on the CPU)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    log_path = args.store + ".requests"
+    log_path, replay_folder = args.store + ".requests", args.store + ".replay"
     try:
-        distinct({"--store": args.store, "--out": args.out, "--store's log": log_path})
-        for flag, path in (("--store", args.store), ("--out", args.out), ("--store (its log)", log_path)):
+        distinct({"--store": args.store, "--out": args.out, "--store's log": log_path,
+                  "--store's checkpoints": replay_folder})
+        for flag, path in (("--store", args.store), ("--out", args.out), ("--store (its log)", log_path),
+                           ("--store (its checkpoint folder)", replay_folder)):
             new_file(flag, path)
+        excluded = read_ids(input_file("--exclude-ids", args.exclude_ids), "--exclude-ids") \
+            if args.exclude_ids else []
         splits = data.load_dataset(args.dataset, args.root, train_size=args.train_size or None, seed=args.seed)
+        unknown = sorted(set(excluded) - set(splits.train.ids.tolist()))
+        if unknown:
+            raise ValueError(f"--exclude-ids: {len(unknown)} id(s) are not training samples of this run, e.g. "
+                             f"{unknown[:5]}")
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e).splitlines()[0])
     except KeyboardInterrupt:
         print(f"{prog}: interrupted before training; nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
     recipe = make_recipe(splits, args.model, root=args.root, train_size=args.train_size or None, seed=args.seed,
-                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                         lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, exclude_ids=excluded,
                          keep_ratio=None if args.dense else args.keep_ratio, value_dtype=args.value_dtype,
                          deterministic=not args.no_deterministic)
+    every = args.checkpoint_every
     try:
-        model, store, seconds = train_recorded(splits, recipe, args.store, progress=not args.no_progress)
+        if every:
+            os.mkdir(replay_folder)
+        model, store, seconds, steps = train_recorded(
+            splits, recipe, args.store, progress=not args.no_progress,
+            checkpoints=os.path.join(replay_folder, "gen-0000") if every else None, every=every)
         atomic_save(model.state_dict(), args.out)
-        RequestLog.create(log_path, store, model, recipe=recipe)
+        replay = {"folder": os.path.basename(replay_folder), "every": every, "train_seconds": round(seconds, 3),
+                  "train_steps": steps} if every else None
+        RequestLog.create(log_path, store, model, recipe=recipe, replay=replay)
     except (KeyboardInterrupt, ValueError, OSError) as e:  # a diverged run (NaN updates), a full disk, Ctrl-C
         for path in (log_path, args.out, args.store):  # each was checked absent: all are this run's
             with contextlib.suppress(OSError):
                 os.remove(path)
+        shutil.rmtree(replay_folder, ignore_errors=True)
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {_one_line(e)}"
         print(f"{prog}: {what}; nothing kept (the partial store was removed)", file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_FAILED
     print(f"trained {args.model} on {len(splits.train)} {splits.name} images for {args.epochs} epoch(s) in "
           f"{seconds:.1f} s; recorded {len(store)} steps ({store.nbytes():,} bytes) into {args.store}; wrote "
           f"{args.out} and the request log {log_path}")
+    if every:
+        kept = Checkpoints(os.path.join(replay_folder, "gen-0000"))
+        print(f"kept {len(kept.steps())} checkpoint(s), every {every} steps, in {replay_folder} "
+              f"({kept.nbytes():,} bytes, {100 * kept.nbytes() / max(1, store.nbytes()):.1f} % of the store)")
     return 0
 
 
@@ -132,7 +167,15 @@ def forget_main(argv=None, prog: str = "unlearn-ext forget") -> int:
                    help="the update store (repeat for every per-rank store of a sharded run)")
     p.add_argument("--checkpoint", required=True, help="the input state_dict: the log's latest model")
     p.add_argument("--ids", required=True, help="a file of sample ids, one integer per line")
-    p.add_argument("--out", required=True, help="the output state_dict to write")
+    p.add_argument("--out", default=None, help="the output state_dict to write (required but with --dry-run)")
+    tier = p.add_mutually_exclusive_group()
+    tier.add_argument("--tier", default="auto", choices=TIERS,
+                      help="auto: amnesiac undo while the guard allows it, else exact replay when the run kept "
+                           "checkpoints; amnesiac; exact")
+    tier.add_argument("--exact", dest="tier", action="store_const", const="exact", help="the same as --tier exact")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the router's choice, t_min, the steps to replay and the estimated cost against "
+                        "Retrain; do nothing")
     p.add_argument("--request-id", default=None, help="names the request (default: derived from its ids)")
     p.add_argument("--max-undone", type=fraction, default=None,
                    help="the guard's limit on the fraction of recorded steps undone (default: from the measured "
@@ -145,7 +188,8 @@ def forget_main(argv=None, prog: str = "unlearn-ext forget") -> int:
                    help="audit: accuracy and membership figures before and after, on this data set")
     p.add_argument("--model", default=None, choices=models.available_models(),
                    help="audit (with --dataset): the registry model (default: the log's recipe)")
-    p.add_argument("--root", default=None, help="audit (with --dataset): data root")
+    p.add_argument("--root", default=None, help="data root: the audit's (with --dataset) and the exact tier's "
+                   "training data (default: the log's recipe's)")
     p.add_argument("--json", action="store_true", help="print the receipt as JSON")
     args = p.parse_args(argv)
     log_path = args.log or args.store[0] + ".requests"
@@ -160,13 +204,18 @@ def forget_main(argv=None, prog: str = "unlearn-ext forget") -> int:
             log = RequestLog.create(log_path, stores, state)
         else:
             log = RequestLog(log_path, stores)
+        if args.dry_run:
+            route = log.route(state, args.request_id, ids, max_undone=args.max_undone, tier=args.tier)
+            print(json.dumps(route, indent=1) if args.json else route_summary(route))
+            return 0
         audit = _audit(args, log, ids, state) if args.dataset else None
         receipt = log.forget(state, args.request_id, ids, max_undone=args.max_undone, audit=audit,
-                             commit=save_to(args.out))  # --out was checked to be no input (the checkpoint too)
+                             commit=save_to(args.out), tier=args.tier,  # --out was checked to be no input
+                             data_root=args.root)
     except RegimeExceeded as e:
         print(f"{prog}: refused: {e}", file=sys.stderr)
         return EXIT_REFUSED_BY_GUARD
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # ExactUnavailable too
         p.error(_one_line(e))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; the request was not logged (run the same command again to serve it)",
@@ -200,9 +249,29 @@ def _check_forget_paths(args, log_path: str) -> None:
                              "model). A log is never created silently: a new one would undo its steps again")
         inputs.append(("--log", input_file("--log", log_path)))
     distinct({f"{flag} #{i}": path for i, (flag, path) in enumerate(inputs)})
-    output_file("--out", args.out, inputs, replaceable=CHECKPOINT_MAGIC)
-    if (args.model or args.root) and not args.dataset:
-        raise ValueError("--model and --root are for the audit: give --dataset too")
+    if args.out is None:
+        if not args.dry_run:
+            raise ValueError("--out: the output state_dict to write is required (but with --dry-run)")
+    else:
+        output_file("--out", args.out, inputs, replaceable=CHECKPOINT_MAGIC)
+    if args.model and not args.dataset:
+        raise ValueError("--model is for the audit: give --dataset too")
+    if args.dry_run and (args.dataset or args.new_log):
+        raise ValueError("--dry-run does nothing: it takes neither --dataset nor --new-log")
+
+
+def route_summary(route: dict) -> str:
+    """The router's choice as one line (``forget --dry-run``)."""
+    if route["tier"] == "already served":
+        return "tier: none: the request was served already (run it without --dry-run to confirm or redo it)"
+    line = f"tier: {route['tier']} ({route['reason']}); amnesiac would leave {100 * route['fraction_if_amnesiac']:.2f} %" \
+           f" of the steps undone (limit {100 * route['limit']:.2f} %)"
+    est = route["exact"]
+    if est is None:
+        return line + f"; exact tier: unavailable ({route['exact_unavailable'] or 'nothing to replay'})"
+    return line + (f"; exact tier: t_min {est['t_min']}, replay from the checkpoint at step {est['replay_from']}, "
+                   f"{est['replay_steps']} of {est['retrain_steps']} steps ({100 * est['fraction_of_retrain']:.1f} % "
+                   f"of Retrain), about {est['estimated_seconds']:.1f} s against {est['retrain_seconds']:.1f} s")
 
 
 def _audit(args, log: RequestLog, ids: List[int], state):
@@ -265,4 +334,4 @@ def read_receipts(path: str):
     return contents.header, [Receipt.from_dict(e) for e in contents.entries], contents.torn
 
 
-__all__ = ["forget_main", "read_ids", "read_receipts", "requests_main", "train_main"]
+__all__ = ["forget_main", "read_ids", "read_receipts", "requests_main", "route_summary", "train_main"]

@@ -42,14 +42,14 @@ from typing import Callable, Iterator, List, Mapping, NamedTuple, Optional, Sequ
 import torch
 from torch import nn
 
-from .. import __version__
+from .. import __version__, models
 from ..durable import atomic_save, crash_budget, crash_point, create_whole
 from ..record import UpdateStore
 from ..record.store import restored_on_failure
 from ..record.identity import named_parameters, unwrap_model
 from ..record.sharding import is_sharded
 from ..record.validation import as_id_tensor
-from . import guard, log_format
+from . import exact, guard, log_format
 from .digest import recording_digest, state_digest
 from .receipt import ALREADY_SERVED, REDONE, Receipt
 
@@ -73,6 +73,8 @@ class RequestLog:
         self.path = os.fspath(path)
         self.stores = _check_stores(stores)
         self.recording = recording_digest(self.stores[0])
+        self._generations = exact.Generations(self.path, self.stores)
+        self._current: Optional[exact.Generation] = None  # set by each read of the log
         self.dropped: Optional[Tuple[int, int]] = None  # the torn end the last read dropped (offset, nbytes)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"{self.path}: no request log there (`unlearn-ext train` makes one; "
@@ -81,18 +83,22 @@ class RequestLog:
             pass  # reads and checks the binding
 
     @classmethod
-    def create(cls, path, stores, state: Union[nn.Module, State], *, recipe: Optional[dict] = None) -> "RequestLog":
+    def create(cls, path, stores, state: Union[nn.Module, State], *, recipe: Optional[dict] = None,
+               replay: Optional[dict] = None) -> "RequestLog":
         """Start the log of the recording in ``stores`` at ``path`` (``FileExistsError`` if it exists) with
         ``state`` — the trained model, or its ``state_dict`` — as its genesis. ``recipe``: how the model was
-        trained (``unlearn-ext train`` stores it), kept in the header. Start it from the trained model
-        only: the steps of requests served before are not in it."""
+        trained (``unlearn-ext train`` stores it), kept in the header. ``replay``: where the run's checkpoints
+        are, for the exact tier (:mod:`.exact`; ``train --checkpoint-every`` gives it). Start it from the
+        trained model only: the steps of requests served before are not in it."""
         stores = _check_stores(stores)
+        if replay is not None and (recipe is None or len(stores) > 1):
+            raise ValueError("replay: the exact tier needs the run's recipe and its one store")
         m = stores[0].manifest
         header = {"kind": "unlearn_ext request log", "store_fingerprint": m.fingerprint,
                   "store_keep_ratio": m.keep_ratio, "store_value_dtype": m.value_dtype,
                   "recording_sha256": recording_digest(stores[0]), "recorded_steps": len(stores[0]),
                   "stores": len(stores), "genesis_sha256": state_digest(_state_and_tensors(stores, state)[0]),
-                  "created_at": _now(), "unlearn_ext": __version__, "recipe": recipe}
+                  "created_at": _now(), "unlearn_ext": __version__, "recipe": recipe, "replay": replay}
         os.close(create_whole(path, log_format.header_bytes(header), lambda: FileExistsError(
             f"{os.fspath(path)} exists already: a request log is never replaced (open it with RequestLog(path, "
             "store))")))
@@ -115,51 +121,75 @@ class RequestLog:
             return [Receipt.from_dict(e) for e in contents.entries]
 
     def undone_steps(self) -> List[int]:
-        """The recorded steps the log's requests have undone, sorted."""
-        return sorted(_undone(r.to_dict() for r in self.receipts()))
+        """The recorded steps the log's amnesiac requests have undone since its last exact one, sorted."""
+        return sorted(_undone([r.to_dict() for r in self.receipts()]))
+
+    def current_store(self) -> UpdateStore:
+        """The store later amnesiac requests undo steps of: the recording, or the newest exact replay's."""
+        with self._locked(shared=True):
+            return self._current.store
 
     # -- serving -----------------------------------------------------------------------------------
     def forget(self, target: Union[nn.Module, State], request_id: Optional[str], sample_ids, *,
                max_undone: Optional[float] = None, audit: Optional[Callable[[State], dict]] = None,
-               commit: Optional[Callable[[State], None]] = None) -> Receipt:
+               commit: Optional[Callable[[State], None]] = None, tier: str = "auto", training_data=None,
+               data_root: Optional[str] = None) -> Receipt:
         """Serve ``request_id`` — forget ``sample_ids`` — on ``target`` in place: a model (its parameters are
         changed) or a ``state_dict`` (its tensors are). ``request_id`` None names the request by its ids
         (the same ids are the same request). ``max_undone``: the guard's limit (default:
         :func:`~.guard.default_limit` of the store's keep ratio). ``audit(state) -> dict`` adds figures of the
         state before and after to a new request's receipt. ``commit(state)`` makes the output durable before
-        the receipt is logged (:meth:`forget_checkpoint` writes the output checkpoint there). Returns the
-        receipt (module docstring for what is refused)."""
+        the receipt is logged (:meth:`forget_checkpoint` writes the output checkpoint there). ``tier``: "auto"
+        (the router: amnesiac undo while the guard allows it, else exact replay when the run has checkpoints),
+        "amnesiac" or "exact"; the exact tier replays on ``training_data`` (default: loaded as the log's recipe
+        says, from ``data_root`` if given). Returns the receipt (module docstring for what is refused)."""
         ids = _request_ids(sample_ids)
         request_id = _request_id(request_id, ids)
         limit = self._limit(max_undone)
+        tier = _tier(tier)
         state, tensors = _state_and_tensors(self.stores, target)
         start_wall, start = _now(), time.perf_counter()
         digest_in = state_digest(state)
         with self._locked() as contents:
-            plan = self._plan(contents, request_id, ids, digest_in, limit, max_undone)
+            plan = self._plan(contents, request_id, ids, digest_in, limit, max_undone, tier)
             if plan.prior is not None:
-                return self._again(plan.prior, digest_in, state, tensors, commit)
-            new, skipped, undone, fraction = plan.new, plan.skipped, plan.undone, plan.fraction
-            recorded = len(self.stores[0])
+                return self._again(contents, plan.prior, digest_in, state, tensors, commit)
             audited = _Audit(audit)
             before = audited(state)
-            _apply(self.stores, tensors, new)
+            facts = {"limit": limit, "limit_source": "max_undone" if max_undone is not None else
+                     guard.limit_source(self.manifest.keep_ratio), "route": plan.route,
+                     "sha256_before": digest_in, "started_at": start_wall, "unlearn_ext": __version__}
+            if plan.route["tier"] == "exact":
+                facts.update(self._replay(contents.header, plan, state, tensors, training_data, data_root))
+            else:
+                _apply(self._current_stores(), tensors, plan.new)
+                facts.update(steps_new=plan.new, steps_skipped=plan.skipped,
+                             undone_steps=len(plan.undone) + len(plan.new), recorded_steps=len(self._current.store),
+                             fraction_undone=plan.fraction, tier="amnesiac", method=self._method())
             digest_out = state_digest(state)
             after = audited(state)
             if commit is not None:
                 commit(state)
             crash_point("request-after-commit")
-            receipt = Receipt(request_id=request_id, sample_ids=ids, steps_new=new, steps_skipped=skipped,
-                              undone_steps=len(undone) + len(new), recorded_steps=recorded, fraction_undone=fraction,
-                              limit=limit, limit_source="max_undone" if max_undone is not None else
-                              guard.limit_source(self.manifest.keep_ratio), tier="amnesiac", method=self._method(),
-                              sha256_before=digest_in, sha256_after=digest_out, seconds=0.0,
-                              started_at=start_wall, unlearn_ext=__version__,
-                              audit=None if audit is None else {"before": before, "after": after})
+            receipt = Receipt(request_id=request_id, sample_ids=ids, sha256_after=digest_out, seconds=0.0,
+                              audit=None if audit is None else {"before": before, "after": after}, **facts)
             receipt.seconds = time.perf_counter() - start - audited.seconds
             self._append(receipt)
             crash_point("request-after-log")
             return receipt
+
+    def route(self, target: Union[nn.Module, State], request_id: Optional[str], sample_ids, *,
+              max_undone: Optional[float] = None, tier: str = "auto") -> dict:
+        """What :meth:`forget` would do with these arguments, doing nothing: the tier the router picks and why,
+        t_min, the steps to replay and the estimated cost against Retrain (``route`` of the receipt), or
+        ``{"tier": "already served"}``. Refused as :meth:`forget` refuses."""
+        ids = _request_ids(sample_ids)
+        request_id = _request_id(request_id, ids)
+        state, _ = _state_and_tensors(self.stores, target)
+        with self._locked(shared=True) as contents:
+            plan = self._plan(contents, request_id, ids, state_digest(state), self._limit(max_undone), max_undone,
+                              _tier(tier))
+        return {"tier": "already served"} if plan.prior is not None else plan.route
 
     def forget_checkpoint(self, checkpoint, out, request_id: Optional[str], sample_ids, *,
                           max_undone: Optional[float] = None, audit=None) -> Receipt:
@@ -176,7 +206,7 @@ class RequestLog:
 
     # -- helpers -----------------------------------------------------------------------------------
     def _plan(self, contents: log_format.LogContents, request_id: str, ids: List[int], digest_in: str, limit: float,
-              max_undone: Optional[float]) -> "_Plan":
+              max_undone: Optional[float], tier: str) -> "_Plan":
         """What answering the request on ``contents`` takes, or the refusal (module docstring)."""
         entries = contents.entries
         prior = next((e for e in entries if e["request_id"] == request_id), None)
@@ -184,40 +214,94 @@ class RequestLog:
             if prior["sample_ids"] != ids:
                 raise RequestRefused(f"request id {request_id!r} was served with {len(prior['sample_ids'])} other "
                                      "id(s); a request id names one set of ids: give this request a new id")
-            return _Plan(prior, [], [], set(), 0.0)
+            return _Plan(prior, [], [], set(), 0.0, {}, [])
         head = entries[-1]["sha256_after"] if entries else contents.header["genesis_sha256"]
         if digest_in != head:
             raise RequestRefused(f"request {request_id!r}: the given model state {digest_in[:16]}… is not the "
                                  f"latest model of {self.path} ({head[:16]}…, after {len(entries)} request(s)); "
                                  "serving it would drop the forgetting done since: pass the latest output")
-        missing = self.stores[0].ids_not_recorded(torch.tensor(ids, dtype=torch.int64))
+        current = self._current.store
+        missing = current.ids_not_recorded(torch.tensor(ids, dtype=torch.int64))
+        missing = missing[~torch.isin(missing, torch.tensor(self._current.excluded, dtype=torch.int64))]
         if missing.numel():
             raise RequestRefused(f"request {request_id!r}: {missing.numel()} of its {len(ids)} id(s) are in no "
                                  f"recorded training step, e.g. {missing[:5].tolist()}: not training samples of "
                                  "this recording, so their influence cannot be removed; nothing was done")
         undone = _undone(entries)
-        steps = self.stores[0].steps_containing(ids)
+        steps = current.steps_containing(ids)
         new = [s for s in steps if s not in undone]
-        recorded = len(self.stores[0])
+        recorded = len(current)
         fraction = (len(undone) + len(new)) / recorded
-        if new and fraction > limit:
+        forgotten = sorted({i for e in entries for i in e["sample_ids"]}.union(ids, self._current.excluded))
+        t_min = exact.first_step(current, forgotten)
+        unavailable = exact.unavailable_reason(contents.header, self.stores)
+        route = {"tier": "amnesiac", "reason": "", "fraction_if_amnesiac": fraction, "limit": limit,
+                 "exact": None if unavailable or t_min is None else exact.estimate(contents.header, self._current,
+                                                                                   t_min),
+                 "exact_unavailable": unavailable}
+        over = bool(new) and fraction > limit
+        if tier == "exact" or (tier == "auto" and over and route["exact"] is not None):
+            if unavailable:
+                raise exact.ExactUnavailable(f"request {request_id!r}: the exact tier cannot serve this log: "
+                                             f"{unavailable}; nothing was done")
+            if t_min is not None:
+                route.update(tier="exact", reason="asked for" if tier == "exact" else
+                             f"amnesiac undo would take {100 * fraction:.2f} % of the steps past the guard's "
+                             f"{100 * limit:.2f} %")
+                return _Plan(None, [], [], undone, fraction, route, forgotten)
+            route["reason"] = "no recorded step holds a forgotten id: the model is already the exact one"
+        elif over:
             source = "--max-undone" if max_undone is not None else guard.limit_source(self.manifest.keep_ratio)
+            instead = ("retrain without the forgotten ids" if unavailable else "ask for the exact tier (--exact)") \
+                if tier == "amnesiac" else f"retrain without the forgotten ids (no exact tier: {unavailable})"
             raise guard.RegimeExceeded(
                 f"request {request_id!r} would undo {len(new)} more step(s), {len(undone) + len(new)} of "
                 f"{recorded} recorded ({100 * fraction:.2f} %), past the limit of {100 * limit:.2f} % ({source}) "
                 "up to which amnesiac undo was measured to stay within 2 test-accuracy points of retraining; "
-                "nothing was done: retrain without the forgotten ids, or raise the limit (--max-undone / "
-                "max_undone=) knowing the model will lose accuracy", fraction, limit)
-        return _Plan(None, new, [s for s in steps if s in undone], undone, fraction)
+                f"nothing was done: {instead}, or raise the limit (--max-undone / max_undone=) knowing the model "
+                "will lose accuracy", fraction, limit)
+        else:
+            route["reason"] = "asked for" if tier == "amnesiac" else "within the guard"
+        return _Plan(None, new, [s for s in steps if s in undone], undone, fraction, route, forgotten)
 
-    def _again(self, prior: dict, digest_in: str, state: State, tensors, commit) -> Receipt:
+    def _current_stores(self) -> List[UpdateStore]:
+        """The stores an amnesiac undo applies: the recording's (every rank's), or the newest replay's."""
+        return self.stores if self._current.index == 0 else [self._current.store]
+
+    def _replay(self, header: dict, plan: "_Plan", state: State, tensors, training_data, data_root) -> dict:
+        """Serve ``plan`` by exact replay (:mod:`.exact`): the state replaced in place by the replayed one; the
+        receipt's facts."""
+        model_keys = set(models.make_model(header["recipe"]["model"], header["recipe"]["input_shape"],
+                                           header["recipe"]["num_classes"]).state_dict())
+        if set(state) != model_keys:
+            raise RequestRefused(f"the exact tier replaces the whole model state, but the given state's entries are "
+                                 f"not the recipe's {header['recipe']['model']} ones (e.g. "
+                                 f"{sorted(set(state) ^ model_keys)[:3]})")
+        train_set = exact.training_set(header["recipe"], training_data, data_root)
+        est = plan.route["exact"]
+        result = exact.replay(self.path, header, self._current, plan.forgotten, est["replay_from"], train_set)
+        crash_point("request-after-replay")
+        _replace(state, result["state"])
+        store = result["store"]
+        return {"steps_new": [], "steps_skipped": [], "undone_steps": 0, "recorded_steps": len(store),
+                "fraction_undone": 0.0, "tier": "exact", "generation": self._current.index + 1,
+                "recording_sha256": recording_digest(store), "replay": result["facts"],
+                "method": f"exact replay from step {est['replay_from']} without {len(plan.forgotten)} forgotten id(s)"}
+
+    def _again(self, contents: log_format.LogContents, prior: dict, digest_in: str, state: State, tensors,
+               commit) -> Receipt:
         """A served id asked again (module docstring)."""
         rid = prior["request_id"]
         if digest_in == prior["sha256_after"]:
             status = ALREADY_SERVED
         elif digest_in == prior["sha256_before"]:
-            with restored_on_failure(tensors.values()):
-                _apply(self.stores, tensors, prior["steps_new"])
+            with restored_on_failure(state.values()):
+                if prior.get("tier") == "exact":
+                    _replace(state, exact.replayed_model(self.path, contents.header, prior))
+                else:  # on the generation it was served on
+                    served_on = self._generations.current(contents.header,
+                                                          contents.entries[:contents.entries.index(prior)])
+                    _apply(self.stores if served_on.index == 0 else [served_on.store], tensors, prior["steps_new"])
                 digest_out = state_digest(state)
                 if digest_out != prior["sha256_after"]:
                     raise RuntimeError(f"request {rid!r} redone on its logged input gave {digest_out[:16]}…, not its "
@@ -250,6 +334,7 @@ class RequestLog:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             contents = log_format.read_log(fd, self.path)
             self._check_binding(contents.header)
+            self._current = self._generations.current(contents.header, contents.entries)
             self.dropped = contents.torn
             self._fd, self._end = fd, contents.end
             yield contents
@@ -288,13 +373,16 @@ class RequestLog:
 
 
 class _Plan(NamedTuple):
-    """A request's answer: a served id's logged entry (``prior``), or the steps a new one undoes."""
+    """A request's answer: a served id's logged entry (``prior``), or the steps a new one undoes (amnesiac) and
+    the router's choice (``route``); ``forgotten``: every id forgotten once it is served."""
 
     prior: Optional[dict]
     new: List[int]
     skipped: List[int]
     undone: Set[int]
     fraction: float
+    route: dict
+    forgotten: List[int]
 
 
 class _Audit:
@@ -399,11 +487,30 @@ def _apply(stores: List[UpdateStore], tensors: dict, steps: List[int]) -> None:
             s.apply_to(tensors, steps, alpha=-1.0)
 
 
-def _undone(entries) -> Set[int]:
+def _undone(entries: List[dict]) -> Set[int]:
+    """The steps amnesiac requests undid since the last exact one (a replay starts the count afresh)."""
     undone: Set[int] = set()
     for e in entries:
+        if e.get("tier") == "exact":
+            undone.clear()
         undone.update(e["steps_new"])
     return undone
+
+
+TIERS = ("auto", "amnesiac", "exact")
+
+
+def _tier(tier: str) -> str:
+    if tier not in TIERS:
+        raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
+    return tier
+
+
+def _replace(state: State, new: State) -> None:
+    """Copy ``new`` into ``state``'s tensors in place (a model's ``state_dict`` shares its parameters' memory)."""
+    with torch.no_grad():
+        for name, t in state.items():
+            t.copy_(new[name])
 
 
 def _request_ids(sample_ids) -> List[int]:

@@ -16,7 +16,10 @@ class Receipt:
     ``steps_new``: the recorded steps this request undid (in the order applied); ``steps_skipped``: steps
     holding its ids that an earlier request had already undone; ``undone_steps`` / ``recorded_steps`` /
     ``fraction_undone``: the log's total after it; ``limit`` and ``limit_source``: the guard in force;
-    ``tier`` and ``method``: how it was undone; ``sha256_before`` / ``sha256_after``: digests of the model
+    ``tier`` and ``method``: how it was undone; ``route``: the router's choice, its reason and the exact tier's
+    estimated cost against Retrain (t_min, the checkpoint replayed from, steps, seconds); for an exact request
+    ``generation``, ``recording_sha256`` (the replay's store) and ``replay`` (what the replay did);
+    ``sha256_before`` / ``sha256_after``: digests of the model
     state (:func:`~.digest.state_digest`); ``seconds``: wall time of the work (checks, apply, digests, the
     output written, the entry appended; no process start, no audit); ``audit``: before/after figures when
     asked for (:mod:`.audit`). ``status`` says how *this call* answered: served now, already served (the
@@ -40,6 +43,10 @@ class Receipt:
     started_at: str
     unlearn_ext: str
     audit: Optional[dict] = None
+    route: Optional[dict] = None
+    generation: Optional[int] = None
+    recording_sha256: Optional[str] = None
+    replay: Optional[dict] = None
     status: str = field(default=SERVED, compare=False)
 
     def to_dict(self) -> dict:
@@ -55,6 +62,12 @@ class Receipt:
     def summary(self) -> str:
         """One line: what this call did."""
         head = f"request {self.request_id!r} ({len(self.sample_ids)} id(s)): {self.status}"
+        if self.tier == "exact":
+            r = self.replay or {}
+            return (f"{head}; exact: replayed {r.get('replayed_steps')} step(s) from step {r.get('replay_from')} "
+                    f"without {r.get('forgotten_ids')} forgotten id(s) (generation {self.generation}; "
+                    f"{self.route['reason']}); {self.sha256_before[:12]} -> {self.sha256_after[:12]}; "
+                    f"{self.seconds:.1f} s")
         if not self.steps_new:
             what = "nothing left to undo: earlier requests undid its steps; model unchanged" \
                 if self.steps_skipped else "nothing undone"

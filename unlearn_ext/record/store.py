@@ -1,4 +1,5 @@
-"""The store API shared by :class:`MemoryStore` and :class:`~unlearn_ext.record.DiskStore` (SPEC §2).
+"""The store API shared by :class:`MemoryStore` and :class:`~unlearn_ext.record.DiskStore`
+(docs/store-format.md).
 
 A store holds a :class:`~unlearn_ext.record.Manifest` (the recorded layers' names, shapes and dtypes, the
 keep ratio, the value dtype and the model fingerprint) and one record per recorded optimizer step: the
@@ -138,6 +139,25 @@ class UpdateStore:
         info = RecordInfo.of(step, ids, enc.kinds.tolist(), enc.counts.tolist(), m)
         self._submit(step, ids, enc)
         self._add(info)
+
+    def copy_records(self, source: "UpdateStore", steps: Iterable[int], chunk: int = 64) -> None:
+        """Append ``source``'s records of ``steps`` (increasing, after every step stored here) as they are
+        encoded: no decoding, the same payload bytes. The stores must record the same model the same way
+        (an empty store adopts ``source``'s manifest)."""
+        self.bind(source._manifest())
+        steps = [as_step(s) for s in steps]
+        last = self._recs[-1].step if self._recs else -1
+        for step in steps:
+            if step <= last:
+                raise ValueError(f"steps must increase: got {step} after {last}")
+            last = step
+        positions = [source._position(s) for s in steps]
+        for lo in range(0, len(positions), chunk):
+            part = positions[lo:lo + chunk]
+            for pos, enc in zip(part, source._payloads(part)):
+                info = source._recs[pos]
+                self._submit(info.step, info.ids, enc)
+                self._add(info)
 
     def _add(self, info: RecordInfo) -> None:
         self._pos[info.step] = len(self._recs)
