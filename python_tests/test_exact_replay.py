@@ -225,3 +225,26 @@ def test_train_keeps_checkpoints_atomically_and_says_their_size(tmp_path, capsys
     assert kept.steps() == [0, 10, 20]
     assert "kept 3 checkpoint(s), every 10 steps" in out and f"({kept.nbytes():,} bytes" in out
     assert sorted(os.listdir(folder / "run.ulx.replay" / "gen-0000")) == [f"step-{s:010d}.pt" for s in (0, 10, 20)]
+
+
+def test_a_fine_tuning_phase_replays_only_itself(tmp_path, capsys):
+    """Pretraining on positions 0..159, then fine-tuning on 160..239: forgetting a fine-tuning sample replays from
+    a checkpoint inside the fine-tuning phase, bitwise `train --exclude-ids` of the same phases."""
+    recipe, phases = "mlp-adam-cosine-wd", ["--phases", "0:160:1,160:240:2"]
+    folder = _train(tmp_path / "run", recipe, "--checkpoint-every", "4", *phases)
+    assert "in phases 0:160:1,160:240:2" in capsys.readouterr().out
+    assert _forget(folder, [200], "model.pt", "out.pt", "--exact", "--json") == 0
+    receipt = json.loads(capsys.readouterr().out)
+    assert receipt["replay"]["replay_from"] >= 8  # phase 0 is steps 0..9: never replayed
+    scratch = tmp_path / "scratch"
+    _train(scratch, recipe, "--exclude-ids", _ids(tmp_path, "x.txt", [200]), *phases)
+    assert _digest(folder / "out.pt") == _digest(scratch / "model.pt")
+
+
+@pytest.mark.parametrize("phases, match", [("0:160", "is not LO:HI:EPOCHS"), ("0:300:1", r"HI <= 240"),
+                                           ("5:5:1", "LO < HI"), ("0:10:0", "EPOCHS >= 1")])
+def test_bad_phases_are_refused_before_training(tmp_path, capsys, phases, match):
+    with pytest.raises(SystemExit) as refused:
+        _train(tmp_path / "run", "mlp-adam-cosine-wd", "--phases", phases)
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and __import__("re").search(match, err) and not os.listdir(tmp_path / "run")

@@ -34,7 +34,7 @@ from .log import CHECKPOINT_MAGIC, TIERS, RequestLog, load_checkpoint, printable
 from .log_format import read_log
 from .receipt import Receipt, history_table
 from .recipe import VALUE_DTYPES, make_recipe, train_recorded
-from .replay import OPTIMIZERS, SCHEDULES, Checkpoints
+from .replay import OPTIMIZERS, SCHEDULES, Checkpoints, parse_phases
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED_BY_GUARD, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -80,6 +80,9 @@ def train_main(argv=None, prog: str = "unlearn-ext train") -> int:
     p.add_argument("--root", default=None, help="data root for user-supplied data sets")
     p.add_argument("--train-size", type=size, default=0, help="seeded subsample (0: the whole split)")
     p.add_argument("--epochs", type=positive_int, default=8)
+    p.add_argument("--phases", default=None,
+                   help="LO:HI:EPOCHS,...: train on positions LO..HI-1 for EPOCHS, then the next range (e.g. "
+                        "pretraining then fine-tuning on new data); overrides --epochs")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
     p.add_argument("--lr", type=positive_float, default=None, help="the learning rate (default: the model's Adam rate)")
@@ -113,6 +116,7 @@ def train_main(argv=None, prog: str = "unlearn-ext train") -> int:
         excluded = read_ids(input_file("--exclude-ids", args.exclude_ids), "--exclude-ids") \
             if args.exclude_ids else []
         splits = data.load_dataset(args.dataset, args.root, train_size=args.train_size or None, seed=args.seed)
+        phases = parse_phases(args.phases, len(splits.train)) if args.phases else None
         unknown = sorted(set(excluded) - set(splits.train.ids.tolist()))
         if unknown:
             raise ValueError(f"--exclude-ids: {len(unknown)} id(s) are not training samples of this run, e.g. "
@@ -124,7 +128,7 @@ def train_main(argv=None, prog: str = "unlearn-ext train") -> int:
         return EXIT_INTERRUPTED
     recipe = make_recipe(splits, args.model, root=args.root, train_size=args.train_size or None, seed=args.seed,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                         lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, exclude_ids=excluded,
+                         lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, exclude_ids=excluded, phases=phases,
                          keep_ratio=None if args.dense else args.keep_ratio, value_dtype=args.value_dtype,
                          deterministic=not args.no_deterministic)
     every = args.checkpoint_every
@@ -146,7 +150,8 @@ def train_main(argv=None, prog: str = "unlearn-ext train") -> int:
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {_one_line(e)}"
         print(f"{prog}: {what}; nothing kept (the partial store was removed)", file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_FAILED
-    print(f"trained {args.model} on {len(splits.train)} {splits.name} images for {args.epochs} epoch(s) in "
+    span = f"in phases {args.phases}" if args.phases else f"for {args.epochs} epoch(s)"
+    print(f"trained {args.model} on {len(splits.train)} {splits.name} images {span} in "
           f"{seconds:.1f} s; recorded {len(store)} steps ({store.nbytes():,} bytes) into {args.store}; wrote "
           f"{args.out} and the request log {log_path}")
     if every:

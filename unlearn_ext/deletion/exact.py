@@ -33,7 +33,7 @@ from ..durable import atomic_save, fsync_folder
 from ..record import DiskStore, UpdateRecorder, UpdateStore
 from .digest import recording_digest
 from .recipe import VALUE_DTYPES
-from .replay import Checkpoints, batch_plan, data_digest, make_run_optimizer, recipe_mode, run_plan
+from .replay import Checkpoints, data_digest, make_run_optimizer, recipe_mode, run_plan, run_plan_of
 
 Tensor = torch.Tensor
 STORE_NAME, MODEL_NAME = "store.ulx", "model.pt"
@@ -157,7 +157,7 @@ def replay(log_path: str, header: dict, current: Generation, forgotten: List[int
     "facts": what the receipt says of the replay}``."""
     recipe, info = header["recipe"], header["replay"]
     began = time.perf_counter()
-    plan = batch_plan(len(train_set), recipe["batch_size"], recipe["epochs"], recipe["seed"])
+    plan = run_plan_of(recipe, len(train_set))
     check_plan(plan, train_set, current)
     index = current.index + 1
     final = generation_folder(log_path, header, index)

@@ -2,7 +2,7 @@
 
 A recipe (a JSON-friendly dict, stored in the request log's header) names everything that decides the trained
 weights: data set (name, root, seeded subsample, and the digest of the samples trained on), model, seed
-(initialisation and shuffle order), epochs, batch size, the optimizer (Adam or SGD), its learning rate,
+(initialisation and shuffle order), epochs (or phases: ranges of the training set trained in turn), batch size, the optimizer (Adam or SGD), its learning rate,
 schedule and weight decay, the ids left out (``--exclude-ids``), the recording (keep ratio, value dtype),
 whether deterministic kernels were required, and the thread count (results of the CPU kernels depend on it).
 :func:`train_recorded` trains by it, as the plan of :mod:`.replay` says.
@@ -17,7 +17,7 @@ import torch
 
 from .. import data, models
 from ..record import DiskStore, UpdateRecorder
-from .replay import Checkpoints, batch_plan, data_digest, make_run_optimizer, recipe_mode, run_plan
+from .replay import Checkpoints, data_digest, make_run_optimizer, recipe_mode, run_plan, run_plan_of
 
 VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -25,13 +25,14 @@ VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 def make_recipe(splits: data.DataSplits, model: str, *, root: Optional[str] = None, train_size: Optional[int] = None,
                 seed: int = 0, epochs: int = 8, batch_size: int = 128, lr: Optional[float] = None,
                 optimizer: str = "adam", lr_schedule: str = "constant", weight_decay: float = 0.0,
-                exclude_ids: Sequence[int] = (), keep_ratio: Optional[float] = 0.1, value_dtype: str = "float32",
+                exclude_ids: Sequence[int] = (), phases: Optional[list] = None, keep_ratio: Optional[float] = 0.1, value_dtype: str = "float32",
                 deterministic: bool = True) -> dict:
     """The recipe of a run on ``splits`` (module docstring); ``lr`` None: the model's recommended rate."""
     return {"dataset": splits.name, "root": root, "train_size": train_size, "data_sha256": data_digest(splits.train),
             "seed": seed, "model": model, "epochs": epochs, "batch_size": batch_size,
             "lr": lr if lr is not None else models.recommended_lr(model), "optimizer": optimizer,
             "lr_schedule": lr_schedule, "weight_decay": weight_decay, "exclude_ids": sorted(set(map(int, exclude_ids))),
+            "phases": phases,
             "keep_ratio": keep_ratio, "value_dtype": value_dtype, "deterministic": deterministic,
             "threads": torch.get_num_threads(), "input_shape": list(splits.input_shape),
             "num_classes": splits.num_classes}
@@ -55,7 +56,7 @@ def train_recorded(splits: data.DataSplits, recipe: dict, store_path: Optional[s
         if every:
             os.mkdir(checkpoints)
             saved = Checkpoints(checkpoints)
-        plan = batch_plan(len(train_set), recipe["batch_size"], recipe["epochs"], recipe["seed"])
+        plan = run_plan_of(recipe, len(train_set))
         excluded = torch.tensor(recipe.get("exclude_ids", []), dtype=torch.int64)
         start = time.perf_counter()
         steps = run_plan(model, opt, train_set, plan, recipe, exclude=excluded if excluded.numel() else None,

@@ -3,7 +3,9 @@ training (``unlearn-ext train``, ``train --exclude-ids`` and the replay of ``for
 
 **The plan.** A recipe's run is a list of T batches of training-set positions: epoch e's batches in the order
 ``data.loader(train, batch_size, shuffle=True, seed=seed)`` yields them (the same generator calls), so plan
-step t is the run's optimizer step t, and the store records it as step t.
+step t is the run's optimizer step t, and the store records it as step t. A recipe with ``phases``
+(``[[lo, hi, epochs], ...]``: e.g. pretraining on positions 0..49,999, then fine-tuning on 50,000..59,999)
+runs each phase's plan over its positions in turn, phase i shuffled with ``seed + i``.
 
 **The exact model for forgotten ids F** is the run of the same plan with every batch stripped of F's samples:
 
@@ -67,6 +69,28 @@ def batch_plan(n: int, batch_size: int, epochs: int, seed: int) -> List[Tensor]:
     """The T batches (int64 positions into the training set) of a run over ``n`` samples (module docstring)."""
     loader = data.loader(_Positions(n), batch_size, shuffle=True, seed=seed)
     return [batch for _ in range(epochs) for batch in loader]
+
+
+def run_plan_of(recipe: dict, n: int) -> List[Tensor]:
+    """The plan of ``recipe``'s run over a training set of ``n`` samples: its phases' plans one after another."""
+    phases = recipe.get("phases") or [[0, n, recipe["epochs"]]]
+    return [batch + lo for i, (lo, hi, epochs) in enumerate(phases)
+            for batch in batch_plan(hi - lo, recipe["batch_size"], epochs, recipe["seed"] + i)]
+
+
+def parse_phases(text: str, n: int) -> List[List[int]]:
+    """``--phases LO:HI:EPOCHS,...`` over a training set of ``n``: ranges of positions in [0, n), each non-empty,
+    with at least one epoch; ``ValueError`` naming the flag otherwise."""
+    phases = []
+    for part in text.split(","):
+        words = part.split(":")
+        if len(words) != 3 or not all(w.isascii() and w.isdigit() for w in words):
+            raise ValueError(f"--phases: {part!r} is not LO:HI:EPOCHS (three non-negative integers)")
+        lo, hi, epochs = map(int, words)
+        if not (0 <= lo < hi <= n and epochs >= 1):
+            raise ValueError(f"--phases: {part!r} needs 0 <= LO < HI <= {n} (the training set's size) and EPOCHS >= 1")
+        phases.append([lo, hi, epochs])
+    return phases
 
 
 def lr_at(recipe: dict, step: int, total: int) -> float:
@@ -183,5 +207,5 @@ def run_plan(model: nn.Module, opt: torch.optim.Optimizer, train_set: data.Index
     return taken
 
 
-__all__ = ["Checkpoints", "OPTIMIZERS", "SCHEDULES", "batch_plan", "data_digest", "lr_at", "make_run_optimizer",
+__all__ = ["Checkpoints", "OPTIMIZERS", "SCHEDULES", "batch_plan", "parse_phases", "run_plan_of", "data_digest", "lr_at", "make_run_optimizer",
            "recipe_mode", "run_plan"]
