@@ -1,5 +1,5 @@
-"""The amnesiac regime, mapped (SPEC §5.1): TA and the membership gap to Retrain against the fraction of
-training steps that amnesiac unlearning undoes.
+"""The amnesiac regime, mapped (docs/protocol.md#the-amnesiac-regime): TA and the membership gap to Retrain against
+the fraction of training steps that amnesiac unlearning undoes.
 
     python benchmarks/amnesiac_regime.py --models mlp,lenet --seeds 0,1,2 \
         --sizes 6,20,60,200,600 --out benchmarks/results/amnesiac_regime
@@ -27,14 +27,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 
 import torch
 
-from unlearn_ext import build_info, results
+from unlearn_ext import results
 from unlearn_ext.experiment import PAPER_KEEP_RATIOS, Experiment, ExperimentConfig
+from unlearn_ext.machine import describe_machine
 
 #: At most this many TA points below Retrain counts as "in the regime" (the README's claim).
 TA_POINTS = 0.02
@@ -173,8 +173,7 @@ def _report(raw: list, args, ratios) -> str:
     sizes = sorted({r["size"] for r in raw})
     loads = [r["load_start"] for r in raw if "load_start" in r]
     lines = [f"# The amnesiac regime ({datetime.date.today()})", "",
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
-             f"backend {build_info()['backend']}; load average when each (model, seed) started: "
+             f"Machine: {describe_machine()}; load average when each (model, seed) started: "
              f"{f'{min(loads):.1f}–{max(loads):.1f}' if loads else 'not recorded'}. "
              f"Data: {args.dataset}, {'all of the training split' if not args.train_size else args.train_size} "
              f"(test split halved: validation / reported test). Protocol: {args.epochs} epochs, batch {args.batch_size}, "
@@ -184,7 +183,7 @@ def _report(raw: list, args, ratios) -> str:
              "SVC MIA: fraction of D_f the shadow SVC calls member, minus Retrain's (0 is ideal); LR-MIA: loss-LR "
              "attack accuracy minus Retrain's (absent below 10 forget samples). MIA figures on fewer than 50 forget "
              "samples are unreliable (†). RTE: Retrain's seconds / the method's. Target met: seeds whose FA reached the "
-             "forgetting target (the original's validation accuracy, SPEC §5.1); amnesiac methods have no knob to "
+             "forgetting target (the original's validation accuracy, docs/protocol.md); amnesiac methods have no knob to "
              "calibrate, so this only reports it. Seconds are wall time on a shared 2-core machine.", ""]
     for model in all_points:
         lines += [f"## {model}", "", "| forget samples | method | " + " | ".join(h for h, _, _ in COLUMNS) +

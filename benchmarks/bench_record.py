@@ -1,4 +1,4 @@
-"""Cost of recording updates (SPEC §2, issue 4): recording overhead as a fraction of a plain training step,
+"""Cost of recording updates (issue 4): recording overhead as a fraction of a plain training step,
 and storage bytes per step against the dense update.
 
     python benchmarks/bench_record.py --runs mlp:32,mlp:128,resnet18:32 --out benchmarks/results/cpu_record.md
@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-import unlearn_ext
+from unlearn_ext.machine import describe_machine
 from unlearn_ext.models import make_model, recommended_lr
 from unlearn_ext.record import DiskStore, MemoryStore, UpdateRecorder
 from unlearn_ext.results import write_text
@@ -142,20 +140,6 @@ def contextlib_exit_stack(recs, ids):
     return stack
 
 
-def _machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    info = unlearn_ext.build_info()
-    return (f"{model} (lscpu), {os.cpu_count()} CPUs visible, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads, unlearn_ext {info['version']} ({info['backend']} kernels), "
-            f"Python {platform.python_version()}")
-
-
 def _pct(x: float) -> str:
     return f"{100 * x:+.1f}%"
 
@@ -197,7 +181,7 @@ def main(argv=None) -> int:
              f"--block-seconds {args.block_seconds} --storage-steps {args.storage_steps} --threads {args.threads}` "
              f"on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
              f"({time.perf_counter() - t0:.0f} s).", "",
-             f"Machine: {_machine()}. Load average (1 min) {load_before[0]:.1f} before and {load_after[0]:.1f} "
+             f"Machine: {describe_machine()}. Load average (1 min) {load_before[0]:.1f} before and {load_after[0]:.1f} "
              f"after the run (the run itself keeps about {args.threads} cores busy)"
              + (": the CPUs were shared with other jobs when it started, so absolute times are inflated and noisy."
                 if load_before[0] > 0.5 else "."), "",
@@ -244,7 +228,7 @@ def main(argv=None) -> int:
               "parameter (ResNet-18's convolutions) hides the recording; a small MLP at a small batch does "
               "not — its whole step is a few milliseconds, about as long as a few passes over its "
               "0.67 M parameters. The MLP overhead falls with the batch (compare batch 32 and 128) and "
-              "is a fixed cost per step in absolute terms (a few ms). On a GPU the SPEC's target is "
+              "is a fixed cost per step in absolute terms (a few ms). On a GPU the target (docs/results.md#targets) is "
               "stated for ResNet-18 at batch 128; this machine has none.", ""]
     lines += ["", "Per kept entry a partial record spends the value (4 B fp32, 2 B fp16) plus, per layer, the "
               "smaller of 4 B int32 indices or a bitmask of numel/8 B (bitmasks win above about 3% kept, so "

@@ -1,4 +1,4 @@
-"""The paper's tables: data set × model × method, mean ± std over seeds, under the protocol of SPEC §5.1.
+"""The paper's tables: data set × model × method, mean ± std over seeds, under the protocol of docs/protocol.md.
 
     python benchmarks/reproduce_paper.py --datasets digits,fashion_mnist --models mlp,lenet,resnet9 \
         --seeds 0,1,2 --out benchmarks/results/paper_tables.md
@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 
-import torch
-
-from unlearn_ext import available_methods, build_info, results
+from unlearn_ext import available_methods, results
 from unlearn_ext.experiment import DEMO_METHODS, ExperimentConfig, run_experiment
+from unlearn_ext.machine import describe_machine
 from unlearn_ext.protocol import mia_reliable
+from unlearn_ext.record.identity import VALUE_DTYPE_BY_NAME
 
 METRICS = [("RA", "RA"), ("FA", "FA"), ("TA", "TA"), ("MIA", "MIA"), ("LR-MIA", "LR_MIA"), ("Avg.Gap", "avg_gap"),
            ("seconds", "seconds")]
@@ -97,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-calibrate", action="store_true")
     p.add_argument("--store-dir", default=None,
                    help="DiskStores here instead of memory (large models); removed after each seed")
-    p.add_argument("--value-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--value-dtype", default="float32", choices=list(VALUE_DTYPE_BY_NAME),
                    help="of the recorded updates")
     p.add_argument("--root", default=None)
     p.add_argument("--out", default="benchmarks/results/paper_tables.md")
@@ -108,8 +107,7 @@ def main(argv=None) -> int:
     forget = (f"whole class {args.forget_class}" if args.forget_class is not None
               else f"random forget set of {args.forget_ratio:.2%}")
     out = [f"# Reproduction tables ({datetime.date.today()})", "",
-           f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch "
-           f"{torch.__version__}; backend {build_info()['backend']}. Protocol: {args.epochs} epochs, batch "
+           f"Machine: {describe_machine()}. Protocol: {args.epochs} epochs, batch "
            f"{args.batch_size}, Adam at the model's rate; {forget}; training split "
            f"{'whole' if not args.train_size else f'subsampled to {args.train_size}'}, test split "
            f"{'whole' if not args.test_size else f'subsampled to {args.test_size}'} and halved into validation and "

@@ -37,10 +37,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)  # this source tree's package
 
 from unlearn_ext import data, metrics, models  # noqa: E402
-from unlearn_ext.bench import machine_facts  # noqa: E402
 from unlearn_ext.deletion import RequestLog, default_limit, state_digest  # noqa: E402
 from unlearn_ext.deletion.commands import forget_main  # noqa: E402
 from unlearn_ext.deletion.recipe import make_recipe, train_recorded  # noqa: E402
+from unlearn_ext.machine import machine_facts  # noqa: E402
 from unlearn_ext.protocol import validation_split  # noqa: E402
 from unlearn_ext.record import DiskStore  # noqa: E402
 from unlearn_ext.results import write_text  # noqa: E402

@@ -4,7 +4,8 @@
 // updates, nothing written on a bad index), masked_sgd_ (frozen coordinates bitwise unchanged, SGD step
 // on the selected ones), the ValueErrors of a bad ratio, of NaN and of written tensors that share memory,
 // and the version counters the in-place ops bump. When the library was built with the CUDA kernels and a
-// GPU is present, the CUDA kernels are compared with the CPU ones.
+// GPU is present, the CUDA kernels are compared with the CPU ones; otherwise that test prints SKIPPED and
+// why (no CUDA device, not built with CUDA), never "ok".
 //
 // The ops are looked up by name (findSchemaOrThrow), so this binary links libunlearn_ext only for the
 // registrations its static initialisers make.
@@ -28,6 +29,8 @@ namespace {
 
 int g_failures = 0;
 int g_checks = 0;
+// Set by a test that could not run, to why: main then prints SKIPPED and the reason, never "ok".
+const char* g_skip_reason = nullptr;
 
 #define EXPECT(cond)                                                                   \
   do {                                                                                \
@@ -340,10 +343,16 @@ void test_version_counters() {
 
 // The CUDA kernels against the CPU ones (only with a GPU and a CUDA build of the library).
 void test_cuda_matches_cpu() {
-  if (!at::hasCUDA() || !c10::Dispatcher::singleton()
-                              .findSchemaOrThrow("unlearn_ext::layerwise_topk", "")
-                              .hasKernelForDispatchKey(c10::DispatchKey::CUDA)) {
-    std::printf("test_cuda_matches_cpu: skipped (no GPU or no CUDA kernels)\n");
+  const bool has_device = at::hasCUDA();
+  const bool has_kernels = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("unlearn_ext::layerwise_topk", "")
+                               .hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+  if (!has_kernels) {
+    g_skip_reason = has_device ? "not built with CUDA" : "no CUDA device; not built with CUDA";
+    return;
+  }
+  if (!has_device) {
+    g_skip_reason = "no CUDA device";
     return;
   }
   at::manual_seed(0);
@@ -378,16 +387,25 @@ int main() {
                {"errors", test_errors},
                {"version_counters", test_version_counters},
                {"cuda_matches_cpu", test_cuda_matches_cpu}};
+  int skipped = 0;
   for (const auto& t : tests) {
     const int before = g_failures;
+    g_skip_reason = nullptr;
     try {
       t.fn();
     } catch (const std::exception& e) {
       ++g_failures;
       std::fprintf(stderr, "test %s threw: %s\n", t.name, e.what());
     }
-    std::printf("%-20s %s\n", t.name, g_failures == before ? "ok" : "FAILED");
+    if (g_failures != before) {
+      std::printf("%-20s FAILED\n", t.name);
+    } else if (g_skip_reason) {
+      ++skipped;
+      std::printf("%-20s SKIPPED (%s)\n", t.name, g_skip_reason);
+    } else {
+      std::printf("%-20s ok\n", t.name);
+    }
   }
-  std::printf("%d checks, %d failed\n", g_checks, g_failures);
+  std::printf("%d checks, %d failed, %d test(s) skipped\n", g_checks, g_failures, skipped);
   return g_failures == 0 ? 0 : 1;
 }

@@ -19,7 +19,7 @@
 
 namespace unlearn_ext {
 
-// The value dtypes of the ops (SPEC §1): float32, float16, bfloat16; arithmetic happens in float32.
+// The value dtypes of the ops: float32, float16, bfloat16; arithmetic happens in float32.
 inline bool is_value_type(at::ScalarType st) {
   return st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
 }
@@ -45,7 +45,7 @@ class ArgChecks {
  public:
   explicit ArgChecks(const char* op) : op_(op) {}
 
-  // The keep ratio r of SPEC §1.1: 0 < r <= 1 (NaN fails both comparisons).
+  // The keep ratio r of the selection rule: 0 < r <= 1 (NaN fails both comparisons).
   void ratio(double r) const {
     TORCH_CHECK_VALUE(r > 0.0 && r <= 1.0, op_, ": ratio must be in (0, 1], got ", r);
   }

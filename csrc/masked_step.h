@@ -1,4 +1,4 @@
-// The per-coordinate arithmetic of masked_sgd_ and masked_adam_ (SPEC §1.5), shared by the CPU loops and
+// The per-coordinate arithmetic of masked_sgd_ and masked_adam_, shared by the CPU loops and
 // the CUDA functors so that the CPU tests exercise the float32 operation order the GPU runs: torch.optim's
 // (SGD, AdamW), each hyper-parameter rounded to float32 as torch rounds a Python scalar. Masking,
 // maximize and off_scale act on the gradient before these are called, and which coordinates are written

@@ -1,4 +1,4 @@
-// The one schema block of the unlearn_ext ops (SPEC §1). CPU implementations live in cpu/*_cpu.cpp,
+// The one schema block of the unlearn_ext ops (docs/algorithms.md#the-ops). CPU implementations live in cpu/*_cpu.cpp,
 // CUDA ones in cuda/*_cuda.cu; each registers itself with TORCH_LIBRARY_IMPL.
 #include <torch/library.h>
 

@@ -1,4 +1,4 @@
-// The per-layer selection rule (SPEC §1.1), shared by the CPU and CUDA kernels so both run the same
+// The per-layer selection rule, shared by the CPU and CUDA kernels so both run the same
 // arithmetic. Everything here is __host__ __device__ and free of ATen.
 //
 // Rule: layer of n elements, keep ratio r in (0, 1]: k = min(n, max(1, ceil(r*n))) (0 when n == 0).
@@ -92,8 +92,6 @@ struct LayerThreshold {
   uint32_t threshold;
   int64_t take_equal;
 };
-
-UE_HD bool is_selected_strict(uint32_t rk, uint32_t threshold) { return rk > threshold; }
 
 // A layer kept whole (k == n): every rank key is >= 0 and all n equal ones may be taken.
 UE_HD LayerThreshold select_all(int64_t n) { return LayerThreshold{0u, n}; }

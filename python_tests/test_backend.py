@@ -1,6 +1,6 @@
-"""The compiled kernels must be the loaded back-end (SPEC §1.6): the suite fails when the package silently
-fell back to the pure-PyTorch reference. Set UNLEARN_EXT_BACKEND=reference to run the suite against the
-reference on purpose (then this check skips)."""
+"""The compiled kernels must be the loaded back-end (docs/algorithms.md#reference-and-back-ends): the suite
+fails when the package silently fell back to the pure-PyTorch reference. Set UNLEARN_EXT_BACKEND=reference to
+run the suite against the reference on purpose (then this check skips)."""
 import os
 import warnings
 

@@ -48,7 +48,7 @@ def test_store_method_without_store_and_unknown_hparam(setting):
 
 
 def test_package_level_api(setting):
-    """`unlearn_ext.unlearn(...)` is the documented entry point (README, SPEC §3)."""
+    """`unlearn_ext.unlearn(...)` is the documented entry point (README, docs/algorithms.md)."""
     import unlearn_ext
 
     splits, train_ds, model, store = setting

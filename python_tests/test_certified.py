@@ -1,5 +1,6 @@
-"""Certified unlearning (Zhang et al., SPEC §4): LiSSA against the exact inverse-Hessian product on a small
-model, the Newton step, the noise scale's formula and that the noise is really added."""
+"""Certified unlearning (Zhang et al., docs/algorithms.md#certified-unlearning): LiSSA against the exact
+inverse-Hessian product on a small model, the Newton step, the noise scale's formula and that the noise is
+really added."""
 from __future__ import annotations
 
 import copy
@@ -175,7 +176,7 @@ def test_noise_is_added_with_the_derived_sigma(digits_loaders):
 
 
 def test_default_sigma_is_the_originals_and_reports_the_certified_epsilon(digits_loaders):
-    """The default σ is the original code's fixed 1e-3 (a usable model); the stats give the ε that SPEC's
+    """The default σ is the original code's fixed 1e-3 (a usable model); the stats give the ε that the paper's
     bound certifies for it at δ — about 7.7e9 at the defaults, i.e. no meaningful certificate."""
     forget, retain = digits_loaders
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ warnings.filterwarnings("ignore", message="unlearn_ext: compiled kernels not loa
 
 from unlearn_ext.compat import unlearning, with_ids  # noqa: E402
 from unlearn_ext.data import forget_ids, load_digits, loader, split_forget  # noqa: E402
-from unlearn_ext.methods.common import accuracy  # noqa: E402
+from unlearn_ext.metrics import accuracy  # noqa: E402
 from unlearn_ext.models import make_model  # noqa: E402
 from unlearn_ext.train import TrainConfig, train  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The CUDA kernels against the CPU kernels and the reference (SPEC §1), on fresh random inputs.
+"""The CUDA kernels against the CPU kernels and the reference (docs/algorithms.md#the-ops), on fresh random inputs.
 
 What is checked, on a GPU (the whole module skips cleanly without one):
   * layerwise_topk (plain and subtract=) and layerwise_topk_mask: CUDA == CPU bit for bit (values,

@@ -248,3 +248,70 @@ def test_bad_phases_are_refused_before_training(tmp_path, capsys, phases, match)
         _train(tmp_path / "run", "mlp-adam-cosine-wd", "--phases", phases)
     err = capsys.readouterr().err
     assert refused.value.code == 2 and __import__("re").search(match, err) and not os.listdir(tmp_path / "run")
+
+
+def _served(folder):
+    """The log's receipts without what differs between two runs of the same request (wall times, stamps)."""
+    entries = []
+    for r in RequestLog(folder / "run.ulx.requests", DiskStore(folder / "run.ulx")).receipts():
+        d = r.to_dict()
+        del d["seconds"], d["started_at"], d["replay"]["seconds"]
+        entries.append(d)
+    return entries
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_requests_killed_at_random_moments_then_rerun_give_the_uninterrupted_result(tmp_path, seed):
+    """`forget --exact` forked and SIGKILLed after a random delay within the uninterrupted run's time, then run
+    again: exit 0, the uninterrupted output bitwise, the same single receipt, no partial generation left."""
+    import random
+    import signal
+    import time
+
+    recipe = "mlp-adam-cosine-wd"
+    fresh = _train(tmp_path / "fresh", recipe, "--checkpoint-every", "4")
+    _ids(fresh, "k.txt", [21, 130])
+
+    def args(folder):
+        return ["--store", str(folder / "run.ulx"), "--checkpoint", str(folder / "model.pt"), "--ids",
+                str(folder / "k.txt"), "--out", str(folder / "out.pt"), "--exact"]
+
+    whole = tmp_path / "whole"
+    shutil.copytree(fresh, whole)
+    start = time.perf_counter()
+    assert forget_main(args(whole)) == 0
+    seconds = time.perf_counter() - start
+    trial = tmp_path / "trial"
+    shutil.copytree(fresh, trial)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 70
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            code = forget_main(args(trial))
+        finally:
+            os._exit(code)
+    time.sleep(random.Random(seed).uniform(0.0, 0.9 * seconds))
+    with __import__("contextlib").suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert forget_main(args(trial)) == 0
+    assert _digest(trial / "out.pt") == _digest(whole / "out.pt")
+    assert _served(trial) == _served(whole) and len(_served(trial)) == 1
+    replay = trial / "run.ulx.replay"
+    assert sorted(os.listdir(replay)) == ["gen-0000", "gen-0001"]
+    assert not [f for f in os.listdir(trial) if ".tmp" in f]
+
+
+@pytest.mark.parametrize("extra, match", [([], "--out: the output state_dict to write is required"),
+                                          (["--dry-run", "--new-log"], "--dry-run does nothing")])
+def test_forget_without_out_or_a_dry_run_that_would_write_is_refused(run, capsys, extra, match):
+    recipe, folder = run
+    before = sorted(os.walk(folder))
+    with pytest.raises(SystemExit) as refused:
+        forget_main(["--store", str(folder / "run.ulx"), "--checkpoint", str(folder / "model.pt"), "--ids",
+                     _ids(folder, "x.txt", [9]), *extra])
+    (folder / "x.txt").unlink()
+    assert refused.value.code == 2 and match in capsys.readouterr().err and sorted(os.walk(folder)) == before

@@ -71,6 +71,7 @@ def test_other_integer_and_ratio_hyper_parameters_are_checked(setting):
              ("label_flip", dict(stop_every_step="yes"), "stop_every_step must be True or False"),
              ("label_flip", dict(stop_forget_acc="original_test"),
               "stop_forget_acc=\"original_test\" needs test_loader="),
+             ("optimization", dict(stop_forget_acc="original_test", test_loader=[]), "test_loader yielded no samples"),
              ("ga", dict(stop_forget_acc="original_test"), r"stop_forget_acc must be None or an accuracy in \[0, 1\]"),
              ("certified", dict(delta=1.0), r"delta must be a finite number in \(0, 1\)")]
     for name, hp, match in cases:

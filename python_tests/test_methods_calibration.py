@@ -12,7 +12,7 @@ import torch
 
 from unlearn_ext.data import forget_ids, load_digits, loader, split_forget
 from unlearn_ext.methods import unlearn
-from unlearn_ext.methods.common import accuracy
+from unlearn_ext.metrics import accuracy
 from unlearn_ext.models import make_model
 from unlearn_ext.train import TrainConfig, train
 

@@ -1,6 +1,7 @@
-"""Deep Unlearn's baselines and SFR-on (SPEC §4) on sklearn digits with tiny models: each test pins the
-property that defines its method (what moves, what must not, which way the loss goes). The update rules
-themselves are pinned against transcriptions of the original code in test_methods_pinned.py."""
+"""Deep Unlearn's baselines and SFR-on (docs/algorithms.md#neighbouring-methods) on sklearn digits with tiny
+models: each test pins the property that defines its method (what moves, what must not, which way the loss
+goes). The update rules themselves are pinned against transcriptions of the original code in
+test_methods_pinned.py."""
 from __future__ import annotations
 
 import copy

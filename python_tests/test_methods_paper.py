@@ -1,4 +1,4 @@
-"""The paper's methods (Gogineni & Nadimi, SPEC §3) on real data: scikit-learn's digits, a small MLP, one
+"""The paper's methods (Gogineni & Nadimi, docs/algorithms.md) on real data: scikit-learn's digits, a small MLP, one
 whole class (digit 3) forgotten.
 
 Scenario. The model is trained with the paper's recipe (Adam at 1e-3; more epochs and a smaller batch
@@ -32,7 +32,7 @@ from unlearn_ext.methods import (Method, UnlearnResult, available_methods, get_m
                                  unlearn)
 from unlearn_ext.methods import base as methods_base  # noqa: E402
 from unlearn_ext.methods.paper import label_flip as label_flip_module  # noqa: E402
-from unlearn_ext.methods.common import accuracy  # noqa: E402
+from unlearn_ext.metrics import accuracy  # noqa: E402
 from unlearn_ext.methods.paper import FlippedLabels, NaiveAmnesiac, PartialAmnesiac  # noqa: E402
 from unlearn_ext.models import make_model  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook  # noqa: E402
@@ -263,9 +263,13 @@ def test_gradient_methods_forget_and_keep_utility(s, name, margin):
     _keeps_utility(s, acc, margin)
 
 
-def test_partial_label_flip_keeps_more_than_naive(s):
-    """The paper's claim for Algorithm 2: run to the same forgetting target, the layer-wise partial update
-    keeps more test accuracy than the naive one."""
+def test_toy_partial_label_flip_ends_above_naive_on_this_one_seed(s):
+    """A pin of this toy's behaviour, NOT evidence for the paper's Algorithm-2 claim: one seed of a hand-set
+    toy (digits, one class forgotten, grouped batches, lr 0.01, stop at FA <= 0.05), where partial label flip
+    ends at least 1 point of test_r above naive label flip — and the two stop at different forget
+    accuracies, so this is not even equal forgetting. At equal forgetting over 3 seeds on the whole
+    Fashion-MNIST the partial variant ends within 0.007 TA of the naive one
+    (benchmarks/results/equal_forgetting.md). A change in either method moves this toy's figures."""
     _, naive = _run(s, "label_flip", "label_flip (again)", **GRADIENT)
     _, partial = _run(s, "partial_label_flip", "partial_label_flip (again)", **GRADIENT)
     assert partial["test_r"] >= naive["test_r"] + 0.01

@@ -1,4 +1,4 @@
-"""Metrics (SPEC §5): each definition pinned on inputs whose answer is known."""
+"""Metrics (docs/protocol.md#metrics): each definition pinned on inputs whose answer is known."""
 import math
 
 import numpy as np
@@ -121,3 +121,11 @@ def test_collect_outputs_restores_mode_and_rejects_empty():
     with pytest.raises(ValueError, match="no samples"):
         metrics.collect_outputs(model, [])
     assert not math.isnan(metrics.accuracy_of(out))
+
+
+def test_accuracy_of_an_empty_loader_is_refused_naming_it():
+    """No 0 or NaN for a loader that yields nothing: the methods' stopping rules read accuracy too."""
+    with pytest.raises(ValueError, match="^test_loader yielded no samples"):
+        metrics.accuracy(nn.Linear(4, 2), [], what="test_loader")
+    with pytest.raises(ValueError, match="^the loader yielded no samples"):
+        metrics.accuracy(nn.Linear(4, 2), [])

@@ -1,4 +1,4 @@
-"""The paper's twelve models (SPEC §6) build for every input shape they are used with and train a step."""
+"""The paper's twelve models (docs/protocol.md#models) build for every input shape they are used with and train a step."""
 import pytest
 import torch
 

@@ -1,6 +1,6 @@
-"""sparse_accumulate_ (SPEC §1.4): B stored updates in one call equal their sequential application and the
-reference, bitwise reproducible under deterministic algorithms; every bad input raises a ValueError
-naming it and writes nothing."""
+"""sparse_accumulate_ (docs/algorithms.md#sparse_accumulate_): B stored updates in one call equal their
+sequential application and the reference, bitwise reproducible under deterministic algorithms; every bad input
+raises a ValueError naming it and writes nothing."""
 import pytest
 import torch
 

@@ -1,7 +1,7 @@
-"""masked_sgd_ / masked_adam_ (SPEC §1.5): against the reference on random inputs, against torch.optim.SGD
-and torch.optim.AdamW on the selected coordinates, the frozen-coordinate invariant (param AND state
-bitwise unchanged where unselected, over 100 steps with weight decay + momentum + nesterov), off_scale > 0,
-and every bad input raising a ValueError that names it while writing nothing."""
+"""masked_sgd_ / masked_adam_ (docs/algorithms.md#masked_sgd_-and-masked_adam_): against the reference on random
+inputs, against torch.optim.SGD and torch.optim.AdamW on the selected coordinates, the frozen-coordinate
+invariant (param AND state bitwise unchanged where unselected, over 100 steps with weight decay + momentum +
+nesterov), off_scale > 0, and every bad input raising a ValueError that names it while writing nothing."""
 from fractions import Fraction
 
 import numpy as np
@@ -381,8 +381,15 @@ def test_adam_bad_input(request, raw):
 
 
 def test_empty_param_list_is_a_no_op():
-    ops.masked_sgd_([], [], [], None, 0.5, lr=0.1)
-    ops.masked_adam_([], [], [], [], None, 0.5)
+    """No layers: nothing to step and nothing raised — but the arguments are still checked first."""
+    assert ops.masked_sgd_([], [], [], None, 0.5, lr=0.1) is None
+    assert ops.masked_adam_([], [], [], [], None, 0.5) is None
+    with pytest.raises(ValueError, match=r"masked_sgd_: ratio must be in \(0, 1\], got -1.0"):
+        ops.masked_sgd_([], [], [], None, -1.0, lr=0.1)
+    with pytest.raises(ValueError, match="masked_sgd_: grads has 1 tensors but params has 0"):
+        ops.masked_sgd_([], [torch.zeros(2)], [], None, 0.5, lr=0.1)
+    with pytest.raises(ValueError, match=r"masked_adam_: beta1 must be in \[0, 1\), got 1.0"):
+        ops.masked_adam_([], [], [], [], None, 0.5, beta1=1.0)
 
 
 # ---- opcheck ---------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""layerwise_topk / layerwise_topk_mask (SPEC §1.1-1.3) against the pure-PyTorch reference: random layer
-lists (fresh seed per test), odd sizes, empty and one-element layers, heavy ties, many layers, the three
-dtypes, the ``subtract=`` form; opcheck; and every bad input raising a ValueError that names it."""
+"""layerwise_topk / layerwise_topk_mask (docs/algorithms.md#the-selection-rule) against the pure-PyTorch
+reference: random layer lists (fresh seed per test), odd sizes, empty and one-element layers, heavy ties, many
+layers, the three dtypes, the ``subtract=`` form; opcheck; and every bad input raising a ValueError that names
+it."""
 import math
 from fractions import Fraction
 

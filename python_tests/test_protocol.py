@@ -1,4 +1,4 @@
-"""The evaluation protocol of SPEC §5.1, on real data (scikit-learn's digits): what calibration may read, the
+"""The evaluation protocol (docs/protocol.md), on real data (scikit-learn's digits): what calibration may read, the
 forgetting target, each method at its own defaults, the row verdicts, the steps-undone fraction."""
 import copy
 
@@ -100,10 +100,9 @@ def test_each_method_gets_its_own_defaults(result):
     assert rows["srl"]["stats"]["hparams"]["lr"] == srl["lr"] != 1e-3  # not the model's learning rate
     assert "calibration" not in rows["srl"] or rows["srl"]["stats"]["hparams"]["epochs"] == 1
     assert rows["retrain"]["stats"]["hparams"]["train_config"]  # the recipe reaches Retrain
-    hp = method_hparams("ng_plus", get_method("ng_plus").defaults, {"seed": 3, "num_classes": 10}, 5e-4, 0.2, {})
+    hp = method_hparams(get_method("ng_plus"), {"seed": 3, "num_classes": 10}, 5e-4, 0.2, {})
     assert "lr" not in hp and "keep_ratio" not in hp
-    hp = method_hparams("partial_label_flip", get_method("partial_label_flip").defaults, {"seed": 3}, 5e-4, 0.2,
-                        {"epochs": 2})
+    hp = method_hparams(get_method("partial_label_flip"), {"seed": 3}, 5e-4, 0.2, {"epochs": 2})
     assert hp == {"seed": 3, "lr": 5e-4, "keep_ratio": 0.2, "epochs": 2}
 
 
@@ -130,17 +129,16 @@ def test_user_fixed_knobs_are_not_calibrated():
         calls.append(dict(hp))
         return None, UnlearnResult(None, 0.1, {"forget_acc": 0.9, "steps": 3})
 
-    defaults = get_method("label_flip").defaults
-    _, _, cal = calibrated_run(run, "label_flip", defaults, {"lr": 1e-3}, {}, target=0.5, forget_batches=4)
+    label_flip = get_method("label_flip")
+    _, _, cal = calibrated_run(run, label_flip, {"lr": 1e-3}, {}, target=0.5, forget_batches=4)
     assert [c["lr"] for c in calls] == [1e-3 * f for f in LR_GRID] and not cal.met  # escalates, then misses
     assert calls[0]["epochs"] == STEP_BUDGET // 4 + (STEP_BUDGET % 4 > 0)
     calls.clear()
-    _, _, cal = calibrated_run(run, "label_flip", defaults, {"lr": 0.2, "epochs": 7}, {"lr": 0.2, "epochs": 7},
+    _, _, cal = calibrated_run(run, label_flip, {"lr": 0.2, "epochs": 7}, {"lr": 0.2, "epochs": 7},
                                target=0.5, forget_batches=4)
     assert [(c["lr"], c["epochs"]) for c in calls] == [(0.2, 7)] and cal.fixed_by_user == ["epochs", "lr"]
     calls.clear()
-    _, _, cal = calibrated_run(run, "ng_plus", {"epochs": 10, "lr": 0.01, "stop_forget_acc": None}, {}, {},
-                               target=0.95, forget_batches=4)
+    _, _, cal = calibrated_run(run, get_method("ng_plus"), {}, {}, target=0.95, forget_batches=4)
     assert calls[0]["epochs"] == 10 and cal.met and len(calls) == 1  # not a forget-set loop: its own epochs
 
 

@@ -61,3 +61,27 @@ def test_the_python_twin_runs_as_written(tmp_path, monkeypatch):
     assert receipts[1].sha256_before == receipts[0].sha256_after
     assert receipts[1].sha256_after == __import__("unlearn_ext").deletion.state_digest(model.state_dict())
     assert torch.load("model-1.pt").keys() == model.state_dict().keys()
+
+
+def test_the_exact_tier_lines_run_as_written(tmp_path, monkeypatch, capsys):
+    """The exact tier's block: its dry run names the exact tier, and the output is bitwise the from-scratch
+    model without the id (on digits: the README's id 59000 becomes sample 200 of the small run)."""
+    from readme_snippets import exact_lines
+    from unlearn_ext.deletion import state_digest
+
+    monkeypatch.chdir(tmp_path)
+    lines = [["printf", "200\\n", ">", w[3]] if w[0] == "printf" else w for w in exact_lines()]
+    assert [w[1] for w in lines if w[0].endswith("unlearn-ext")] == ["train", "forget", "forget"]
+    _run_lines(lines)
+    out = capsys.readouterr().out
+    dry = [line for line in out.splitlines() if line.startswith("tier: ")]
+    assert len(dry) == 1 and "exact tier: t_min" in dry[0] and "% of Retrain" in dry[0]
+    assert "exact: replayed" in out
+    train = next(w for w in lines if w[0].endswith("unlearn-ext") and w[1] == "train")
+    scratch = [a if a != "ft.ulx" else "scratch.ulx" for a in train[1:]]
+    scratch = [a if a != "ft.pt" else "scratch.pt" for a in scratch]
+    scratch = [a for a in scratch if a not in ("--checkpoint-every", "50")]
+    with open("x.txt", "w") as f:
+        f.write("200\n")
+    assert cli.main(_small(scratch + ["--exclude-ids", "x.txt"])) == 0
+    assert state_digest(torch.load("ft-1.pt")) == state_digest(torch.load("scratch.pt"))

@@ -1,4 +1,4 @@
-"""UpdateRecorder, its encodings and stores (SPEC §2): round trips, exact byte accounting, amnesiac
+"""UpdateRecorder, its encodings and stores (docs/store-format.md): round trips, exact byte accounting, amnesiac
 removal of every step, partial = dense at r = 1, sample-id lookup and fingerprints. DDP is in
 test_record_ddp.py, faults (kills, corruption, full disk, refusals) in test_store_faults.py."""
 import copy

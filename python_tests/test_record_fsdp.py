@@ -7,7 +7,7 @@ process training the unsharded model on the whole batches: the blocks put togeth
 updates, a partial store holds the per-block top-k (k = ceil(r * n_block)) of its rank's update, and
 applying the rank stores — each to its own shard, or all of them to the unsharded model — removes the
 steps. A second model on a 2 x 1 mesh (HSDP: replicated across the ranks) is recorded by rank 0 only, and
-README's FSDP2 snippet runs as written."""
+docs/usage.md's FSDP2 snippet runs as written."""
 import copy
 import functools
 import json
@@ -102,7 +102,7 @@ def _worker(rank, tmp):
         _train(hsdp, recs, opt, slice(8 * rank, 8 * rank + 8))
         recs[0].store.close()
 
-        # README's FSDP2 snippet, as written (fully_shard on a CPU mesh: gloo cannot reduce CUDA tensors)
+        # docs/usage.md's FSDP2 snippet, as written (fully_shard on a CPU mesh: gloo cannot reduce CUDA tensors)
         import torch.distributed.fsdp as fsdp
 
         fsdp.fully_shard = functools.partial(fully_shard, mesh=init_device_mesh("cpu", (2,)))
@@ -171,7 +171,7 @@ def test_fsdp2_ranks_record_their_shards_and_unlearn_them(tmp_path):
     for p, q in zip(unsharded.parameters(), model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
-    # README's snippet: a store per rank, of its blocks, holding every step
+    # docs/usage.md's snippet: a store per rank, of its blocks, holding every step
     for r in (0, 1):
         readme = DiskStore(tmp_path / f"run-rank{r}.ulx", model=model)
         assert readme.manifest.shards.rank == r and readme.steps() == list(range(STEPS)) and not readme.dropped

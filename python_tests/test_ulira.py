@@ -1,4 +1,4 @@
-"""U-LiRA (SPEC §5) at a tiny budget on sklearn digits: the report's fields, that an attacker sees through
+"""U-LiRA (docs/protocol.md#u-lira) at a tiny budget on sklearn digits: the report's fields, that an attacker sees through
 "unlearning" that does nothing, and the leave-one-split-out bookkeeping."""
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from unlearn_ext.data import load_digits
-from unlearn_ext.metrics.ulira import logit_confidence, method_unlearn_fn, recipe_train_fn, ulira
+from unlearn_ext.metrics.ulira import logit_confidence, recipe_train_fn, ulira
 from unlearn_ext.models import make_model
+from unlearn_ext.protocol import method_unlearn_fn
 from unlearn_ext.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -21,27 +21,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 from . import build_info, ops
+from .machine import describe_machine, load_averages, machine_facts
 from .results import write_text
 
 RATIOS = (0.01, 0.10, 0.50)
 SGD_HP = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 ADAM_HP = dict(lr=1e-3, weight_decay=1e-2)
 B_UPDATES = 8
-
-# Parameter shapes of torchvision's resnet18 / resnet50 (ImageNet heads), used if torchvision is missing.
-_FALLBACK = None
-
 
 #: Not a model: ``tensor<N>`` is one N-element tensor (``tensor1e8``: the single-layer bandwidth case,
 #: run on CUDA by default; a small N makes a quick smoke run).
@@ -236,30 +230,7 @@ def bench_model(name, shapes, device, ratios, reps, dtype=torch.float32):
     return rows
 
 
-# ---- machine facts and output -------------------------------------------------------------------------
-
-def machine_facts():
-    facts = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-             "torch_threads": torch.get_num_threads()}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            key, _, val = line.partition(":")
-            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket"):
-                facts[key.strip()] = val.strip()
-    except (OSError, subprocess.SubprocessError):
-        facts["Model name"] = platform.processor() or "unknown"
-    try:
-        facts["loadavg"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        facts["gpu"] = torch.cuda.get_device_name(0)
-    info = build_info()
-    facts["build_info"] = {k: info.get(k) for k in ("version", "backend", "cuda_compiled", "cuda_arch_list",
-                                                     "openmp", "threads", "torch", "torch_cuda")}
-    return facts
-
+# ---- output ---------------------------------------------------------------------------------------------
 
 def write_markdown(path, rows, facts, args, command):
     def fmt(v, spec):
@@ -368,16 +339,14 @@ def main(argv=None, prog=None):
         raise SystemExit(f"{parser.prog}: --device cuda but torch.cuda.is_available() is False")
 
     facts = machine_facts()
-    print(f"{parser.prog}: {facts.get('Model name', '?')}, {facts['cpu_count']} CPUs, torch {torch.__version__}, "
-          f"{facts['torch_threads']} threads, backend {facts['build_info']['backend']}", flush=True)
+    print(f"{parser.prog}: {describe_machine(facts)}", flush=True)
     rows = []
     for device in devices:
         for name in models_for(device):
             rows += bench_model(name, model_shapes(name), device, ratios, reps)
-    try:
-        facts["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        pass
+    load = load_averages()
+    if load is not None:
+        facts["loadavg_after"] = load
     for t in targets(rows):
         print(t)
     if args.markdown:

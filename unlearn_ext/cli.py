@@ -26,7 +26,8 @@ from typing import List, Optional, Tuple
 
 from .argtypes import positive_float, positive_int, seed, size, unit_interval
 from .durable import LOCK_NAME, FolderInUse, FolderLock
-from .experiment import (DEMO_METHODS, VALUE_DTYPES, Experiment, ExperimentConfig, demo_config,
+from .record.identity import VALUE_DTYPE_BY_NAME
+from .experiment import (DEMO_METHODS, Experiment, ExperimentConfig, demo_config,
                          reads_keep_ratio, validate_config)
 
 
@@ -103,7 +104,7 @@ def _add_experiment_args(p: argparse.ArgumentParser, defaults: ExperimentConfig)
     p.add_argument("--deterministic", action="store_true", help="bitwise-reproducible runs on the CPU")
     p.add_argument("--no-calibrate", action="store_true",
                    help="run every method at its plain defaults, without running it to the forgetting target")
-    p.add_argument("--value-dtype", default=defaults.value_dtype, choices=sorted(VALUE_DTYPES),
+    p.add_argument("--value-dtype", default=defaults.value_dtype, choices=sorted(VALUE_DTYPE_BY_NAME),
                    help="dtype of the recorded updates")
     p.add_argument("--store-dir", default=None, help="keep the recorded update stores as files here "
                    "(default: in memory for run; temporary files under the output folder for demo)")

@@ -10,7 +10,7 @@ epoch. Loaders that already yield ``(x, y, id)`` are used as they are.
 
 ``validation`` becomes the method's ``test_loader``: for methods with a forget-accuracy stopping rule
 (label flipping, optimization) the adapter's default is ``stop_forget_acc="original_test"`` — stop once
-forget accuracy has fallen to the original model's validation accuracy (SPEC §3) — a model already
+forget accuracy has fallen to the original model's validation accuracy (the paper's rule) — a model already
 there (common for a random forget set, whose accuracy is near the validation accuracy) is returned
 unchanged; pass ``stop_forget_acc=None`` to run every epoch, ``stop_every_step=True`` to check the rule
 before every step instead of every epoch. Methods that need a recorded update store (amnesiac) run only

@@ -1,4 +1,4 @@
-"""One unlearning experiment end to end (SPEC §5–§7), under the protocol of SPEC §5.1 (:mod:`.protocol`).
+"""One unlearning experiment end to end, under the evaluation protocol (docs/protocol.md, :mod:`.protocol`).
 
 Load data; carve a fixed, seeded validation half out of the test split (TA and the attacks' non-members are
 the other half); train the original model with the paper's protocol while recording dense and partial updates
@@ -19,7 +19,6 @@ import hashlib
 import math
 import numbers
 import os
-import platform
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -30,19 +29,20 @@ from tqdm.auto import tqdm
 
 from . import __version__, build_info, data, metrics, models
 from .methods import available_methods, get_method, unlearn
-from .protocol import (PAPER_PARTIAL_METHODS, ForgettingTarget, calibrated_run, forgetting_target,
-                       forgetting_verdict, method_hparams, supports_calibration, validation_split)
+from .protocol import (ForgettingTarget, calibrated_run, forgetting_target, forgetting_verdict, method_hparams,
+                       supports_calibration, validation_split)
 from .argtypes import SEED_LIMIT
 from .durable import FolderLock
+from .machine import machine_facts
 from .record import DiskStore
+from .record.identity import VALUE_DTYPE_BY_NAME
 from .train import TrainConfig, train
 
 PAPER_METHODS = ["amnesiac", "partial_amnesiac", "label_flip", "partial_label_flip", "optimization",
                  "partial_optimization"]
 DEMO_METHODS = ["retrain", "finetune"] + PAPER_METHODS + ["ng_plus", "msg", "ct"]
-#: The paper's sweep of the keep ratio r (SPEC §3).
+#: The paper's sweep of the keep ratio r (docs/algorithms.md#the-papers-training-protocol).
 PAPER_KEEP_RATIOS = (0.01, 0.05, 0.1, 0.2, 0.5)
-VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: The loss-LR attack's folds: a forget set or test half smaller than this cannot be scored at all.
 MIN_FORGET = 10
 
@@ -67,7 +67,7 @@ class ExperimentConfig:
     lr: Optional[float] = None  # None: the model's recommended learning rate
     seed: int = 0
     deterministic: bool = False
-    calibrate: bool = True  # run methods with a strength knob to the forgetting target (SPEC §5.1)
+    calibrate: bool = True  # run methods with a strength knob to the forgetting target
     value_dtype: str = "float32"  # of the recorded updates
     store_dir: Optional[str] = None  # DiskStore files there; None: in memory
     keep_stores: bool = True  # False: the DiskStore files are removed when the experiment closes
@@ -77,7 +77,7 @@ class ExperimentConfig:
         return list(self.keep_ratios) if self.keep_ratios else [self.keep_ratio]
 
 
-#: ``unlearn-ext demo``'s setting (SPEC §7). Every number is what the demo needs for its rows to mean something;
+#: ``unlearn-ext demo``'s setting. Every number is what the demo needs for its rows to mean something;
 #: see README "Set up and run" for what it measured.
 #:
 #: * 3,000 Fashion-MNIST training images at batch 8 with a 50-image forget set: a forget sample sits in 12.6 %
@@ -107,16 +107,18 @@ def _environment() -> dict:
     import numpy
     import sklearn
 
-    return {"unlearn_ext": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "sklearn": sklearn.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()[0],
-            "build": build_info()}
+    facts = machine_facts()
+    return {"unlearn_ext": __version__, "torch": facts["torch"], "numpy": numpy.__version__,
+            "sklearn": sklearn.__version__, "python": facts["python"], "machine": facts["arch"],
+            "cpus": facts["cpu_count"], "cpu": facts["Model name"], "torch_threads": facts["torch_threads"],
+            "load_average_at_start": os.getloadavg()[0], "build": build_info()}
 
 
 def reads_keep_ratio(method: str) -> bool:
-    """Whether a method's rows depend on the keep ratio r: the paper's partial methods (r of their optimizer)
-    and partial amnesiac (r of its recording)."""
-    return method in PAPER_PARTIAL_METHODS or get_method(method).record_keep_ratio is not None
+    """Whether a method's rows depend on the keep ratio r: r of its optimizer (it declares
+    ``takes_run_keep_ratio``: the paper's partial methods) or of its recording (partial amnesiac)."""
+    cls = get_method(method)
+    return cls.takes_run_keep_ratio or cls.record_keep_ratio is not None
 
 
 def ratio_tag(r: float) -> str:
@@ -173,7 +175,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
         raise ValueError(f"method_hparams: {stray} name no selected method (selected: {cfg.methods})")
     for name, hp in cfg.method_hparams.items():
         get_method(name)(**hp)  # unknown hyper-parameter names raise here, naming the method
-        if name in PAPER_PARTIAL_METHODS and "keep_ratio" in hp:  # results.json would record another r
+        if get_method(name).takes_run_keep_ratio and "keep_ratio" in hp:  # results.json would record another r
             raise ValueError(f"method_hparams: the keep_ratio of {name} is the configuration's keep_ratio (or "
                              "keep_ratios, a row per r); set it there")
     for name in ("epochs", "batch_size"):
@@ -195,8 +197,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
     if cfg.lr is not None and not (isinstance(cfg.lr, numbers.Real) and math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"lr must be a positive number, got {cfg.lr!r}")
     models.recommended_lr(cfg.model)  # unknown model names raise, listing the known ones
-    if cfg.value_dtype not in VALUE_DTYPES:
-        raise ValueError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {cfg.value_dtype!r}")
+    if cfg.value_dtype not in VALUE_DTYPE_BY_NAME:
+        raise ValueError(f"value_dtype must be one of {sorted(VALUE_DTYPE_BY_NAME)}, got {cfg.value_dtype!r}")
     if cfg.keep_stores:
         for key in store_keys(cfg):
             _refuse_kept_store(store_path(cfg, *key))
@@ -315,7 +317,7 @@ class Experiment:
         for method, ratio in store_keys(cfg):
             kw = {} if ratio is None else {"keep_ratio": ratio}
             recorders[(method, ratio)] = get_method(method).recorder(
-                model, store=self._new_store(method, ratio), value_dtype=VALUE_DTYPES[cfg.value_dtype], **kw)
+                model, store=self._new_store(method, ratio), value_dtype=VALUE_DTYPE_BY_NAME[cfg.value_dtype], **kw)
         start = time.perf_counter()
         train(model, self._loader(self.data.train, 0), self.train_config, recorders=list(recorders.values()),
               progress="train original" if progress else None)
@@ -439,7 +441,7 @@ class Experiment:
         if reason:  # e.g. MSG/CT on a model without conv layers: say so in the table, run the rest
             return {"skipped": reason}
         user = cfg.method_hparams.get(name, {})
-        hp = method_hparams(name, cls.defaults, facts, self.lr, ratio if ratio is not None else cfg.keep_ratio, user)
+        hp = method_hparams(cls, facts, self.lr, ratio if ratio is not None else cfg.keep_ratio, user)
         store = self.stores.get((name, ratio if cls.record_keep_ratio is not None else None))
 
         def run(hparams):
@@ -450,8 +452,8 @@ class Experiment:
             return net, result
 
         calibration = None
-        if cfg.calibrate and supports_calibration(cls.defaults):
-            net, result, calibration = calibrated_run(run, name, cls.defaults, hp, user, target.value, forget_batches)
+        if cfg.calibrate and supports_calibration(cls):
+            net, result, calibration = calibrated_run(run, cls, hp, user, target.value, forget_batches)
         else:
             net, result = run(hp)
         try:

@@ -1,4 +1,4 @@
-"""The paper's models, sized for small inputs (SPEC §6): ``make_model(name, input_shape, num_classes)``.
+"""The paper's models, sized for small inputs (docs/protocol.md#models): ``make_model(name, input_shape, num_classes)``.
 
 Every builder takes the input shape ``(C, H, W)`` — 1×28×28 (MNIST, Fashion-MNIST, OrganAMNIST),
 3×32×32 (CIFAR-10, SVHN), 1×8×8 (digits), any C — and adapts the architecture to it:
@@ -21,7 +21,7 @@ Every builder takes the input shape ``(C, H, W)`` — 1×28×28 (MNIST, Fashion-
 Pooling layers are skipped once the feature map is 1 pixel wide, so every model accepts 8×8 digits.
 ViT patch size defaults to 4 when H and W are multiples of 4 and at least 16, else 2 (or 1).
 
-:func:`recommended_lr` gives the paper's learning rate (SPEC §3: 1e-3 for shallow networks, 5e-4 or 1e-4
+:func:`recommended_lr` gives the paper's learning rate (1e-3 for shallow networks, 5e-4 or 1e-4
 for deeper ones, Adam): 1e-3 for ``mlp``/``lenet`` (≤ 5 layers), 5e-4 for the mid-depth CNNs
 (``resnet9``, ``alexnet``, ``vgg11``, ``resnet18``), 1e-4 for ``vgg19``, ``resnet50`` and both ViTs
 (attention models trained from scratch without warm-up diverge at higher Adam rates).
@@ -255,7 +255,7 @@ def vit_l(input_shape, num_classes, patch_size: int = 0, depth: int = 24, width:
 @dataclass(frozen=True)
 class ModelSpec:
     build: Callable[..., nn.Module]
-    lr: float  # the paper's learning rate for Adam (SPEC §3)
+    lr: float  # the paper's learning rate for Adam
 
 
 MODELS: Dict[str, ModelSpec] = {
@@ -271,7 +271,7 @@ MODELS: Dict[str, ModelSpec] = {
     "vit_l": ModelSpec(vit_l, 1e-4),
 }
 
-#: The paper's model line-up per data set (SPEC §6); digits and Fashion-MNIST use the MNIST family.
+#: The paper's model line-up per data set (docs/protocol.md#models); digits and Fashion-MNIST use the MNIST family.
 PAPER_MODELS: Dict[str, Tuple[str, ...]] = {
     "mnist": ("mlp", "lenet", "resnet9"),
     "fashion_mnist": ("mlp", "lenet", "resnet9"),

@@ -1,5 +1,6 @@
 """Layer-wise partial optimizers: drop-in ``torch.optim.SGD`` / ``torch.optim.AdamW`` that update only
-``keep_count(nˡ, keep_ratio)`` coordinates of every parameter tensor per step (SPEC §1.5, §3).
+``keep_count(nˡ, keep_ratio)`` coordinates of every parameter tensor per step
+(docs/algorithms.md#masked_sgd_-and-masked_adam_).
 
 Each step makes one fused :func:`unlearn_ext.ops.masked_sgd_` / :func:`~unlearn_ext.ops.masked_adam_`
 call per parameter group (two only in the corner cases noted below), so the arithmetic never loops over

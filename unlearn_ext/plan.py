@@ -17,7 +17,7 @@ import shutil
 import torch
 
 from .models import available_models, make_model
-from .record.identity import VALUE_DTYPES, dtype_name
+from .record.identity import VALUE_DTYPE_BY_NAME
 from .record.planner import plan_arguments, plan_storage
 
 
@@ -28,7 +28,7 @@ def main(argv=None, prog=None) -> int:
     parser.add_argument("--model", required=True, choices=available_models(), help="a registered model")
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps of the training run")
     parser.add_argument("--keep-ratio", type=float, default=0.1, help="r of partial recording (default 0.1)")
-    parser.add_argument("--value-dtype", default="float32", choices=[dtype_name(d) for d in VALUE_DTYPES],
+    parser.add_argument("--value-dtype", default="float32", choices=list(VALUE_DTYPE_BY_NAME),
                         help="dtype of the stored values (default float32)")
     parser.add_argument("--only-fraction", type=float, default=None,
                         help="fraction of samples declared deletable (only_ids): adds the only-ids rows")

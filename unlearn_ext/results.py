@@ -107,8 +107,8 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-#: SPEC §7: the original leaks measurably when its SVC member fraction of D_f is at least 0.10 above
-#: Retrain's, or its loss-LR attack accuracy at least 0.05 above.
+#: The original leaks measurably (docs/protocol.md#the-demo) when its SVC member fraction of D_f is at least 0.10
+#: above Retrain's, or its loss-LR attack accuracy at least 0.05 above.
 LEAK_MARGINS = (("MIA", "SVC member fraction of D_f", 0.10), ("LR_MIA", "loss-LR MIA accuracy", 0.05))
 
 

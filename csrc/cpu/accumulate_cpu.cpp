@@ -1,4 +1,4 @@
-// sparse_accumulate_ on the CPU (SPEC §1.4). Every check (offsets and all index ranges) runs before the
+// sparse_accumulate_ on the CPU. Every check (offsets and all index ranges) runs before the
 // first write. Layers run in parallel, the B updates of one layer in order, so results are bitwise
 // reproducible.
 #include <torch/library.h>

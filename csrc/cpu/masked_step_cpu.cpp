@@ -1,4 +1,4 @@
-// masked_sgd_ and masked_adam_ on the CPU (SPEC §1.5): one fused pass per layer chunk, the per-coordinate
+// masked_sgd_ and masked_adam_ on the CPU: one fused pass per layer chunk, the per-coordinate
 // arithmetic of masked_step.h (shared with the CUDA kernels). The loops are branch-free (a data-dependent
 // branch on a 50% mask mispredicts half the time): every coordinate is computed and an unselected one
 // under off_scale == 0 gets its own loaded bits stored back, so it stays bitwise unchanged. The

@@ -1,4 +1,4 @@
-// Per-layer top-k selection on the CPU (SPEC §1.1), shared by layerwise_topk(_mask) and the masked
+// Per-layer top-k selection on the CPU, shared by layerwise_topk(_mask) and the masked
 // optimizer steps; the counterpart of cuda/radix_select.cuh, with the same rule (select.h) and the same
 // interface: plan in the constructor, compute(), check_finite(), then an ordered walk (scan) per item.
 //

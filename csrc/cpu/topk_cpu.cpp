@@ -1,4 +1,4 @@
-// layerwise_topk and layerwise_topk_mask on the CPU (SPEC §1.2, §1.3): the layer selection of
+// layerwise_topk and layerwise_topk_mask on the CPU (docs/algorithms.md#the-ops): the layer selection of
 // radix_select.h and its ordered walk, which writes values/indices or masks.
 #include <torch/library.h>
 

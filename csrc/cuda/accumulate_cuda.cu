@@ -1,4 +1,4 @@
-// CUDA kernel of sparse_accumulate_ (SPEC §1.4): dense[s % L].view(-1)[indices[seg s]] += alpha * values[seg s].
+// CUDA kernel of sparse_accumulate_: dense[s % L].view(-1)[indices[seg s]] += alpha * values[seg s].
 //
 // 1. One validation launch checks offsets (start 0, end len(values), never decrease) and every index
 //    against its layer's size into a small report; the host reads it (one sync) and raises ValueError

@@ -1,4 +1,4 @@
-// CUDA kernels of masked_sgd_ and masked_adam_ (SPEC §1.5): torch.optim.SGD / AdamW steps on the
+// CUDA kernels of masked_sgd_ and masked_adam_: torch.optim.SGD / AdamW steps on the
 // selected coordinates, the off_scale-scaled step elsewhere, fused over all layers.
 //
 // The mask is `masks` (one elementwise pass) or, when masks is None, the per-layer top-k of |grad|

@@ -1,4 +1,4 @@
-// Per-layer top-k selection on the GPU (SPEC §1.1), shared by layerwise_topk(_mask) and the masked
+// Per-layer top-k selection on the GPU, shared by layerwise_topk(_mask) and the masked
 // optimizer steps; the counterpart of cpu/radix_select.h. It runs the rule of select.h, so it selects
 // exactly the CPU kernels' sets:
 //

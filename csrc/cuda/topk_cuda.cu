@@ -1,4 +1,4 @@
-// CUDA kernels of layerwise_topk and layerwise_topk_mask (SPEC §1.2, §1.3). The selection is the
+// CUDA kernels of layerwise_topk and layerwise_topk_mask (docs/algorithms.md#the-ops). The selection is the
 // multi-layer radix select of radix_select.cuh; these ops only add the sinks of its ordered walk.
 // Output sizes follow from the layer sizes and the ratio, so the only host sync is the NaN/Inf check
 // at the end.

@@ -1,4 +1,4 @@
-"""Data sets yielding ``(x, y, sample_id)``, forget-set selection and loaders (SPEC §6).
+"""Data sets yielding ``(x, y, sample_id)``, forget-set selection and loaders (docs/protocol.md#data-sets).
 
 One module per on-disk format plus scikit-learn's ``digits``; ``checks`` holds what every reader verifies in
 what it read (labels whole numbers in range, one per image, at least one sample), ``finish`` turns a reader's

@@ -33,7 +33,8 @@ from .guard import RegimeExceeded
 from .log import CHECKPOINT_MAGIC, TIERS, RequestLog, load_checkpoint, printable, save_to
 from .log_format import read_log
 from .receipt import Receipt, history_table
-from .recipe import VALUE_DTYPES, make_recipe, train_recorded
+from ..record.identity import VALUE_DTYPE_BY_NAME
+from .recipe import make_recipe, train_recorded
 from .replay import OPTIMIZERS, SCHEDULES, Checkpoints, parse_phases
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED_BY_GUARD, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -94,7 +95,7 @@ def train_main(argv=None, prog: str = "unlearn-ext train") -> int:
     ratio = p.add_mutually_exclusive_group()
     ratio.add_argument("--keep-ratio", type=unit_interval(False), default=0.1, help="r: record the top r of each layer's update")
     ratio.add_argument("--dense", action="store_true", help="record dense updates (naive amnesiac)")
-    p.add_argument("--value-dtype", default="float32", choices=sorted(VALUE_DTYPES))
+    p.add_argument("--value-dtype", default="float32", choices=sorted(VALUE_DTYPE_BY_NAME))
     p.add_argument("--store", required=True, help="the update store to create")
     p.add_argument("--out", required=True, help="the trained state_dict (torch.save) to create")
     p.add_argument("--checkpoint-every", type=size, default=0,
@@ -241,6 +242,8 @@ def forget_main(argv=None, prog: str = "unlearn-ext forget") -> int:
 def _check_forget_paths(args, log_path: str) -> None:
     """Every path of `forget` before any work (:mod:`unlearn_ext.argtypes`): the inputs exist, each store is
     given once, the log exists (or, with --new-log, does not), --out is none of them."""
+    if args.dry_run and (args.dataset or args.new_log):
+        raise ValueError("--dry-run does nothing: it takes neither --dataset nor --new-log")
     inputs = [("--store", input_file("--store", path)) for path in args.store]
     if len({os.path.realpath(path) for _, path in inputs}) < len(inputs):
         raise ValueError("--store: a store is given twice")
@@ -261,8 +264,6 @@ def _check_forget_paths(args, log_path: str) -> None:
         output_file("--out", args.out, inputs, replaceable=CHECKPOINT_MAGIC)
     if args.model and not args.dataset:
         raise ValueError("--model is for the audit: give --dataset too")
-    if args.dry_run and (args.dataset or args.new_log):
-        raise ValueError("--dry-run does nothing: it takes neither --dataset nor --new-log")
 
 
 def route_summary(route: dict) -> str:

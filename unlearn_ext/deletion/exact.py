@@ -31,8 +31,8 @@ import torch
 from .. import data, models
 from ..durable import atomic_save, fsync_folder
 from ..record import DiskStore, UpdateRecorder, UpdateStore
+from ..record.identity import VALUE_DTYPE_BY_NAME
 from .digest import recording_digest
-from .recipe import VALUE_DTYPES
 from .replay import Checkpoints, data_digest, make_run_optimizer, recipe_mode, run_plan, run_plan_of
 
 Tensor = torch.Tensor
@@ -175,7 +175,7 @@ def replay(log_path: str, header: dict, current: Generation, forgotten: List[int
         copied = [s for s in current.store.steps() if s < start]
         store.copy_records(current.store, copied)
         recorder = UpdateRecorder(model, keep_ratio=recipe["keep_ratio"], store=store,
-                                  value_dtype=VALUE_DTYPES[recipe["value_dtype"]])
+                                  value_dtype=VALUE_DTYPE_BY_NAME[recipe["value_dtype"]])
         taken = run_plan(model, opt, train_set, plan, recipe, start=start,
                          exclude=torch.tensor(sorted(forgotten), dtype=torch.int64), recorder=recorder,
                          checkpoints=checkpoints, every=info["every"])

@@ -17,10 +17,8 @@ import torch
 
 from .. import data, models
 from ..record import DiskStore, UpdateRecorder
+from ..record.identity import VALUE_DTYPE_BY_NAME
 from .replay import Checkpoints, data_digest, make_run_optimizer, recipe_mode, run_plan, run_plan_of
-
-VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def make_recipe(splits: data.DataSplits, model: str, *, root: Optional[str] = None, train_size: Optional[int] = None,
                 seed: int = 0, epochs: int = 8, batch_size: int = 128, lr: Optional[float] = None,
@@ -51,7 +49,7 @@ def train_recorded(splits: data.DataSplits, recipe: dict, store_path: Optional[s
         opt = make_run_optimizer(model, recipe)
         store = None if store_path is None else DiskStore(store_path)
         recorder = None if store is None else UpdateRecorder(model, keep_ratio=recipe["keep_ratio"], store=store,
-                                                             value_dtype=VALUE_DTYPES[recipe["value_dtype"]])
+                                                             value_dtype=VALUE_DTYPE_BY_NAME[recipe["value_dtype"]])
         saved = None
         if every:
             os.mkdir(checkpoints)
@@ -66,4 +64,4 @@ def train_recorded(splits: data.DataSplits, recipe: dict, store_path: Optional[s
         return model, store, time.perf_counter() - start, steps
 
 
-__all__ = ["VALUE_DTYPES", "make_recipe", "train_recorded"]
+__all__ = ["make_recipe", "train_recorded"]

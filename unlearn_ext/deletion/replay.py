@@ -37,6 +37,7 @@ import hashlib
 import math
 import os
 import re
+import shutil
 from typing import Iterator, List, Optional
 
 import torch
@@ -170,7 +171,10 @@ class Checkpoints:
         ``up_to`` shares them (the two trajectories agree until there)."""
         for s in self.steps():
             if s <= up_to:
-                os.link(self.path(s), other.path(s))
+                try:
+                    os.link(self.path(s), other.path(s))
+                except OSError:  # a file system without hard links: a copy holds the same bytes
+                    shutil.copyfile(self.path(s), other.path(s))
 
 
 def run_plan(model: nn.Module, opt: torch.optim.Optimizer, train_set: data.IndexedTensorDataset, plan: List[Tensor],

@@ -1,4 +1,4 @@
-"""The algorithm API: one class per method, a registry, and ``unlearn()`` (SPEC §3).
+"""The algorithm API: one class per method, a registry, and ``unlearn()`` (docs/algorithms.md#the-method-api).
 
 Data are loaders yielding ``(x, y, sample_id)``; a DataLoader stands for the samples it yields, its sampler
 included (:func:`.common.loader_positions`). A method changes the model **in place** and returns it inside an
@@ -44,7 +44,13 @@ class Method:
     implement ``_run(model, forget, retain, store, hp) -> stats``. ``ranges`` bounds numeric
     hyper-parameters beyond what :mod:`.hparams` checks for every method (the type of each default;
     integers ``>= 0``). A method that reads updates recorded during training sets ``needs_store`` and, if
-    it wants them pruned, ``record_keep_ratio``; callers get the matching recorder from :meth:`recorder`."""
+    it wants them pruned, ``record_keep_ratio``; callers get the matching recorder from :meth:`recorder`.
+
+    What the experiment runner (:mod:`unlearn_ext.protocol`) gives a method beyond its defaults is declared
+    here: ``uses_model_lr``, ``takes_run_keep_ratio``, ``budget_in_forget_passes`` (each needs the
+    hyper-parameter it acts on; :func:`register_method` checks). A method whose defaults hold ``epochs`` and
+    :data:`.common.STOP_HPARAMS` can stop at a forget accuracy, so the runner calibrates it to the forgetting
+    target."""
 
     name: ClassVar[str] = ""
     defaults: ClassVar[Dict[str, object]] = {}
@@ -56,6 +62,16 @@ class Method:
     #: The method tells forget from retain samples by sample id in batches that mix them: a forget id that
     #: is also a retain id is refused (else warned about).
     mixes_by_id: ClassVar[bool] = False
+
+    #: Its ``lr`` is by definition the model's training learning rate: the experiment runner passes that rate
+    #: (a method that does not declare it keeps its own default rate).
+    uses_model_lr: ClassVar[bool] = False
+    #: Its ``keep_ratio`` is the run's keep ratio r: the runner passes r (a row per r of a sweep) and refuses a
+    #: keep_ratio given for this method alone.
+    takes_run_keep_ratio: ClassVar[bool] = False
+    #: Its ``epochs`` are passes over D_f: when calibrated, its step budget is counted in optimizer steps
+    #: (:data:`unlearn_ext.protocol.STEP_BUDGET`) instead of its own epochs.
+    budget_in_forget_passes: ClassVar[bool] = False
 
     @classmethod
     def recorder(cls, model: nn.Module, keep_ratio=_DEFAULT, store=None, **kw):
@@ -160,15 +176,30 @@ def _plain(hp: dict) -> dict:
 
 _REGISTRY: Dict[str, Type[Method]] = {}
 
+#: The hyper-parameters each runner declaration of :class:`Method` acts on.
+_DECLARATION_HPARAMS = {"uses_model_lr": ("lr",), "takes_run_keep_ratio": ("keep_ratio",),
+                        "budget_in_forget_passes": ("epochs",)}
+
 
 def register_method(cls: Type[Method]) -> Type[Method]:
-    """Class decorator: make ``cls`` available as ``unlearn(cls.name, ...)``."""
+    """Class decorator: make ``cls`` available as ``unlearn(cls.name, ...)``. A runner declaration whose
+    hyper-parameters are not among ``cls.defaults`` is refused (the runner would silently not honour it)."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a non-empty `name`")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"a method named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
+    for declaration, needed in _DECLARATION_HPARAMS.items():
+        missing = [k for k in needed if k not in cls.defaults]
+        if getattr(cls, declaration) and missing:
+            raise ValueError(f"{cls.__name__} declares {declaration} but its defaults lack {missing}")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def unregister_method(name: str) -> None:
+    """Remove method ``name`` from the registry (e.g. a method a test registered for itself)."""
+    get_method(name)  # an unknown name raises, listing the known ones
+    del _REGISTRY[name]
 
 
 def get_method(name: str) -> Type[Method]:

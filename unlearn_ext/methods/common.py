@@ -7,8 +7,6 @@
   or for its ids and labels without a pass) it honours the loader's sampler, and refuses one it cannot read.
 * :func:`check_labels`, :func:`sample_labels`, :func:`output_width` — labels a method indexes by must lie
   in [0, K).
-* :func:`accuracy` — top-1 accuracy in eval mode (methods sit below :mod:`unlearn_ext.metrics` in the
-  dependency order, so they cannot import it).
 * :func:`make_sgd` — ``torch.optim.SGD`` for a naive method, :class:`~unlearn_ext.optim.PartialSGD` for
   its layer-wise partial variant, from one set of arguments.
 * :class:`ForgetAccuracyStop` / :func:`stop_rule` — "stop when forget accuracy has fallen to a target"
@@ -36,6 +34,7 @@ from torch import nn
 from torch.utils.data import (BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler, Subset,
                               SubsetRandomSampler)
 
+from ..metrics import accuracy
 from ..optim import PartialSGD
 from ..train import TrainConfig, make_optimizer, unpack_batch
 from . import hparams
@@ -202,19 +201,6 @@ def output_width(model: nn.Module, loader) -> int:
     return k
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, loader) -> float:
-    """Top-1 accuracy over ``loader`` in eval mode; the model's train/eval mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for x, y, _ in batches(loader, device_of(model)):
-        correct += int((model(x).argmax(1) == y).sum())
-        total += len(y)
-    model.train(was_training)
-    return correct / max(total, 1)
-
-
 def make_sgd(params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, maximize: bool = False,
              keep_ratio: Optional[float] = None, selection: str = "magnitude", seed: int = 0
              ) -> torch.optim.Optimizer:
@@ -253,7 +239,7 @@ def stop_rule(model: nn.Module, forget, target: Union[None, float, str], test_lo
               ) -> Optional[ForgetAccuracyStop]:
     """The stopping option shared by the methods with a strength knob: ``None`` (run every epoch), a number
     in [0, 1] (stop when forget accuracy ≤ it), or ``"original_test"`` (stop when forget accuracy ≤ the
-    original model's accuracy on ``test_loader``, measured now, before unlearning — SPEC §3)."""
+    original model's accuracy on ``test_loader``, measured now, before unlearning — the paper's rule)."""
     if target is None:
         return None
     if isinstance(target, str):
@@ -261,7 +247,7 @@ def stop_rule(model: nn.Module, forget, target: Union[None, float, str], test_lo
             raise ValueError(f'stop_forget_acc must be None, a number or "original_test", got {target!r}')
         if test_loader is None:
             raise ValueError('stop_forget_acc="original_test" needs test_loader= (a loader of the test set)')
-        target = accuracy(model, test_loader)
+        target = accuracy(model, test_loader, what="test_loader")
     elif isinstance(target, bool) or not isinstance(target, Real) or not 0.0 <= float(target) <= 1.0:
         raise ValueError(f"stop_forget_acc must be an accuracy in [0, 1], got {target!r}")
     return ForgetAccuracyStop(forget, float(target))

@@ -45,7 +45,7 @@ class Range:
 NONNEGATIVE = Range(0.0)
 POSITIVE = Range(0.0, low_open=True)
 AT_LEAST_ONE = Range(1)
-RATIO = Range(0.0, 1.0, low_open=True)  # a keep ratio / fraction, as SPEC §1.1
+RATIO = Range(0.0, 1.0, low_open=True)  # a keep ratio / fraction, as docs/algorithms.md#the-selection-rule
 UNIT = Range(0.0, 1.0)
 COMMON: Dict[str, Range] = {"lr": NONNEGATIVE, "momentum": NONNEGATIVE, "weight_decay": NONNEGATIVE}
 

@@ -1,4 +1,4 @@
-"""The references every unlearning result is read against (SPEC §4): Retrain and FT.
+"""The references every unlearning result is read against (docs/algorithms.md#neighbouring-methods): Retrain and FT.
 
 * ``retrain`` — the gold standard: train a freshly initialised model on D_r with the original recipe
   (``train_config``, a :class:`~unlearn_ext.train.TrainConfig`; default ``TrainConfig()``, the paper's
@@ -53,6 +53,7 @@ class Finetune(Method):
     name = "finetune"
     needs_retain = True
     defaults = {"epochs": 2, "lr": 1e-3, "train_config": None, **STOP_HPARAMS}
+    uses_model_lr = True  # FT runs the training recipe
 
     def _run(self, model, forget, retain, store, hp):
         stats = finetune(model, retain, hp["train_config"], hp["epochs"], hp["lr"],

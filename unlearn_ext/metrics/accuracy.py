@@ -1,4 +1,4 @@
-"""Accuracy on the retain, forget and test sets (SPEC §5)."""
+"""Accuracy on the retain, forget and test sets (docs/protocol.md#accuracy)."""
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -9,9 +9,11 @@ from torch import nn
 from .outputs import SampleOutputs, collect_outputs
 
 
-def accuracy(model: nn.Module, loader, device: Optional[torch.device] = None) -> float:
-    """Top-1 accuracy: (number of samples with argmax logit == label) / (number of samples), in eval mode."""
-    return accuracy_of(collect_outputs(model, loader, device))
+def accuracy(model: nn.Module, loader, device: Optional[torch.device] = None, *, what: str = "the loader") -> float:
+    """Top-1 accuracy: (number of samples with argmax logit == label) / (number of samples), in eval mode (the
+    model's mode restored afterwards). A loader that yields no sample has none: ``ValueError`` naming it
+    (``what``)."""
+    return accuracy_of(collect_outputs(model, loader, device, what=what))
 
 
 def accuracy_of(outputs: SampleOutputs) -> float:

@@ -1,4 +1,4 @@
-"""Storage and time of an unlearning method (SPEC §5)."""
+"""Storage and time of an unlearning method (docs/protocol.md#storage-and-time)."""
 from __future__ import annotations
 
 from typing import Dict, Optional

@@ -1,4 +1,4 @@
-"""Membership-inference metrics (SPEC §5). Both attacks read per-sample outputs from
+"""Membership-inference metrics (docs/protocol.md#membership-inference). Both attacks read per-sample outputs from
 :func:`~unlearn_ext.metrics.outputs.collect_outputs`; U-LiRA lives in :mod:`unlearn_ext.metrics.ulira`.
 
 1. :func:`loss_lr_mia` — the NeurIPS'23 unlearning challenge / Deep Unlearn attack: a logistic regression on

@@ -51,9 +51,11 @@ class SampleOutputs:
 
 
 @torch.no_grad()
-def collect_outputs(model: nn.Module, loader, device: Optional[torch.device] = None) -> SampleOutputs:
+def collect_outputs(model: nn.Module, loader, device: Optional[torch.device] = None, *,
+                    what: str = "the loader") -> SampleOutputs:
     """Run ``model`` in eval mode over ``loader`` (batches ``(x, y[, sample_id])``) and keep every sample's
-    logits, label and id. The model's train/eval mode is restored afterwards. An empty loader raises."""
+    logits, label and id. The model's train/eval mode is restored afterwards. An empty loader is a
+    ``ValueError`` naming it (``what``)."""
     if device is None:
         device = next(iter(model.parameters()), torch.empty(0)).device
     was_training = model.training
@@ -68,5 +70,5 @@ def collect_outputs(model: nn.Module, loader, device: Optional[torch.device] = N
     finally:
         model.train(was_training)
     if not labels:
-        raise ValueError("the loader yielded no samples")
+        raise ValueError(f"{what} yielded no samples")
     return SampleOutputs(torch.cat(logits), torch.cat(labels), torch.cat(ids))

@@ -1,4 +1,4 @@
-"""Everything measured on one model in one call, and its gap to the retrained model (SPEC §5)."""
+"""Everything measured on one model in one call, and its gap to the retrained model (docs/protocol.md#metrics)."""
 from __future__ import annotations
 
 from typing import Dict, Mapping, Optional, Sequence

@@ -46,8 +46,8 @@ scored observations, forgotten and never seen, by p (an addition: the original s
 fit of one kind degenerates). Only ``negatives="never_seen"`` exists there.
 
 The two callables are usually built with :func:`recipe_train_fn` (a model factory and the training recipe)
-and :func:`method_unlearn_fn` (any registered method through :func:`unlearn_ext.methods.unlearn`, the same
-fast path the experiments use), e.g.::
+and :func:`unlearn_ext.protocol.method_unlearn_fn` (any registered method through
+:func:`unlearn_ext.methods.unlearn`, the same fast path the experiments use), e.g.::
 
     res = ulira(pool, recipe_train_fn(lambda: make_model("mlp", (1, 8, 8), 10), TrainConfig(epochs=20)),
                 method_unlearn_fn("salun", epochs=5), n_shadow=8, n_forget=4)
@@ -150,20 +150,6 @@ def recipe_train_fn(model_factory: Callable[[], nn.Module], config=None) -> Trai
             torch.manual_seed(int(seed))
             model = model_factory()
         return train(model, loader(subset, cfg.batch_size, shuffle=True, seed=seed), cfg)
-    return run
-
-
-def method_unlearn_fn(method, batch_size: int = 128, **hparams) -> UnlearnFn:
-    """``unlearn_fn`` for :func:`ulira`: ``unlearn_ext.methods.unlearn(method, model, forget=..., retain=...,
-    **hparams)`` with loaders of ``batch_size`` (forget in order, retain shuffled with the run's seed).
-    ``method`` is a registered name, a Method class or an instance."""
-    from ..data import loader
-    from ..methods import unlearn
-
-    def run(model: nn.Module, forget_set: Dataset, retain_set: Dataset, seed: int) -> nn.Module:
-        unlearn(method, model, forget=loader(forget_set, batch_size),
-                retain=loader(retain_set, batch_size, shuffle=True, seed=seed), **hparams)
-        return model
     return run
 
 

@@ -1,4 +1,4 @@
-"""The only door to the kernels: typed wrappers with argument checks (SPEC §1).
+"""The only door to the kernels: typed wrappers with argument checks (docs/algorithms.md#the-ops).
 
 Read-only tensor arguments that are not contiguous are copied to contiguous memory; tensors written in
 place must be contiguous (else ``ValueError``). Each op runs the compiled kernel when the extension is
@@ -26,7 +26,7 @@ def _compiled(tensors: Sequence[Tensor]) -> bool:
 
 def layerwise_topk(xs: Sequence[Tensor], ratio: float, largest: bool = True,
                    subtract: Optional[Sequence[Tensor]] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """Fused layer-wise top-k (SPEC §1.2): ``(values, int32 indices ascending per layer, int64 offsets)``.
+    """Fused layer-wise top-k: ``(values, int32 indices ascending per layer, int64 offsets)``.
 
     With ``subtract``, selects on ``xs[l] - subtract[l]`` (the update) without materialising it and
     returns its signed values.
@@ -42,7 +42,7 @@ def layerwise_topk(xs: Sequence[Tensor], ratio: float, largest: bool = True,
 
 
 def layerwise_topk_mask(xs: Sequence[Tensor], ratio: float, largest: bool = True) -> List[Tensor]:
-    """The same selection as one bool mask per layer (SPEC §1.3)."""
+    """The same selection as one bool mask per layer."""
     xs, ratio, _ = checks.topk_args("layerwise_topk_mask", xs, ratio, None)
     if _compiled(xs):
         return list(torch.ops.unlearn_ext.layerwise_topk_mask(xs, ratio, bool(largest)))
@@ -53,7 +53,7 @@ def layerwise_topk_mask(xs: Sequence[Tensor], ratio: float, largest: bool = True
 def sparse_accumulate_(dense: Sequence[Tensor], values: Tensor, indices: Tensor, offsets: Tensor,
                        alpha: float = 1.0) -> None:
     """In place, for each segment s of ``offsets``: ``dense[s % L].view(-1)[indices[seg]] += alpha *
-    values[seg]`` (SPEC §1.4), B = (len(offsets) - 1) / L stored updates in one call, in order.
+    values[seg]``, B = (len(offsets) - 1) / L stored updates in one call, in order.
     All checks (including index ranges, and that no two tensors of ``dense`` share memory) happen before
     anything is written."""
     dense, values, indices, offsets, alpha = checks.accumulate_args("sparse_accumulate_", dense, values, indices,
@@ -70,7 +70,7 @@ def masked_sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buff
                 masks: Optional[Sequence[Tensor]] = None, ratio: float = 1.0, lr: float = 1e-3,
                 momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
                 nesterov: bool = False, maximize: bool = False, off_scale: float = 0.0) -> None:
-    """Masked partial SGD step, fused over layers (SPEC §1.5). The mask is ``masks`` or, if None, the
+    """Masked partial SGD step, fused over layers. The mask is ``masks`` or, if None, the
     per-layer top-``ratio`` of |grad|. ``off_scale=0`` leaves unselected params and buffers bitwise
     unchanged. With ``momentum == 0``, ``momentum_buffers`` may be empty or None."""
     args = checks.sgd_args("masked_sgd_", params, grads, momentum_buffers, masks, ratio, lr, momentum, dampening,

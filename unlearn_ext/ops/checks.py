@@ -1,9 +1,9 @@
 """Argument checks of the ops: the Python side of ``csrc/checks.h``, which the compiled kernels run on both
-devices. The wrappers run these before either back-end (metadata only, so a bad call fails before any data
-is read), the fake kernels run them under ``torch.compile``, and the reference back-end adds the data
-checks the kernels make themselves (NaN/Inf in a selected-from tensor, offsets and index ranges, tensors
-written in place that share memory) before it writes anything. Every failure is a ``ValueError`` that names
-the argument.
+devices (on CUDA by design only: the CUDA kernels have never executed on a GPU). The wrappers run these
+before either back-end (metadata only, so a bad call fails before any data is read), the fake kernels run
+them under ``torch.compile``, and the reference back-end adds the data checks the kernels make themselves
+(NaN/Inf in a selected-from tensor, offsets and index ranges, tensors written in place that share memory)
+before it writes anything. Every failure is a ``ValueError`` that names the argument.
 
 Under ``torch.compile`` with the compiled kernels, the *values* of scalar arguments (the ratio's range, the
 hyper-parameters' signs) are left to the kernel (``defer_scalars``): dynamo cannot turn a ``raise`` inside

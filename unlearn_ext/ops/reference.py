@@ -1,10 +1,10 @@
-"""Plain-PyTorch definition of every unlearn_ext op (SPEC §1).
+"""Plain-PyTorch definition of every unlearn_ext op (docs/algorithms.md#the-ops).
 
 This module is the *definition* the compiled kernels are tested against; it favours clarity over speed.
 Argument checking lives in :mod:`unlearn_ext.ops.checks` and runs before these functions in both
 back-ends, so the functions here assume valid input.
 
-Selection rule (SPEC §1.1): for a layer of ``n`` elements and keep ratio ``r``,
+Selection rule (docs/algorithms.md#the-selection-rule): for a layer of ``n`` elements and keep ratio ``r``,
 ``k = keep_count(n, r)``; keep the ``k`` entries of largest ``|x|`` (or smallest with ``largest=False``),
 ties at the threshold broken by lower flat index first. ``|x|`` is compared as float32 (fp16/bf16 are
 widened exactly), which is the same order as the compiled kernels' 31-bit radix keys.

@@ -1,4 +1,4 @@
-"""Calibrated forgetting (SPEC §5.1): the target every method is read against, and running a method with a
+"""Calibrated forgetting: the target every method is read against, and running a method with a
 strength knob until it meets it.
 
 **Target.** For a random forget set: the original model's accuracy on the validation half of the test split
@@ -12,7 +12,8 @@ reported test half or the retrained model.
 * it runs with ``stop_forget_acc=target`` and ``stop_every_step=True`` — the forget accuracy (on D_f, which
   calibration may read) is checked before every step and the run stops at the first step where it is at most
   the target, so naive and partial variants stop at the same forgetting;
-* the step budget: a method whose epoch is one pass over D_f (:data:`FORGET_LOOP_METHODS`) gets
+* the step budget: a method whose epoch is one pass over D_f (it declares
+  :attr:`~unlearn_ext.methods.Method.budget_in_forget_passes`) gets
   ``max(its epochs, ⌈STEP_BUDGET / batches per forget epoch⌉)`` epochs; any other keeps its own epochs;
 * the learning-rate grid: its own rate (the model's rate for the paper's Algorithms 2–3) times each factor of
   :data:`LR_GRID` in turn, the first that meets the target within the budget is kept; if none does, the last
@@ -26,17 +27,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Mapping, Optional, Tuple
+from typing import Callable, List, Mapping, Optional, Tuple, Type
 
-from ..methods import UnlearnResult
+from ..methods import Method, UnlearnResult
 from ..metrics import accuracy
 
 #: Factors of a method's own learning rate tried in turn until the target is met.
 LR_GRID = (1.0, 3.0, 10.0, 30.0)
 #: Optimizer steps a forget-set loop may take per learning rate before the target counts as missed.
 STEP_BUDGET = 250
-#: Methods whose ``epochs`` are passes over D_f (their step budget is :data:`STEP_BUDGET`).
-FORGET_LOOP_METHODS = frozenset({"label_flip", "partial_label_flip", "optimization", "partial_optimization", "ga"})
 
 
 @dataclass(frozen=True)
@@ -56,9 +55,9 @@ def forgetting_target(model, validation_loader, forget_class: Optional[int], num
                             f"the original model's accuracy on the validation half ({n} samples)")
 
 
-def supports_calibration(defaults: Mapping[str, object]) -> bool:
+def supports_calibration(method: Type[Method]) -> bool:
     """True for a method that can stop once its forget accuracy reaches a target."""
-    return "stop_forget_acc" in defaults and "epochs" in defaults
+    return "stop_forget_acc" in method.defaults and "epochs" in method.defaults
 
 
 @dataclass
@@ -80,20 +79,21 @@ class Calibration:
         return dict(asdict(self), met=self.met, seconds_all_tries=sum(t["seconds"] for t in self.tries))
 
 
-def calibrated_run(run: Callable[[dict], Tuple[object, UnlearnResult]], name: str, defaults: Mapping[str, object],
+def calibrated_run(run: Callable[[dict], Tuple[object, UnlearnResult]], method: Type[Method],
                    hp: Mapping[str, object], user: Mapping[str, object], target: float,
                    forget_batches: int) -> Tuple[object, UnlearnResult, Calibration]:
-    """Run method ``name`` to ``target`` (see the module docstring). ``run(hparams)`` unlearns a fresh copy of
-    the original model and returns ``(model, result)``; ``hp`` are the hyper-parameters the runner would pass
-    (:func:`~.hparams.method_hparams`), ``user`` the part of them the user gave, ``forget_batches`` the number
-    of batches of the forget loader. Returns the kept try's model and result and the :class:`Calibration`."""
+    """Run ``method`` (a registered class) to ``target`` (see the module docstring). ``run(hparams)`` unlearns
+    a fresh copy of the original model and returns ``(model, result)``; ``hp`` are the hyper-parameters the
+    runner would pass (:func:`~.runner_hparams.method_hparams`), ``user`` the part of them the user gave,
+    ``forget_batches`` the number of batches of the forget loader. Returns the kept try's model and result and
+    the :class:`Calibration`."""
     stop = float(user.get("stop_forget_acc", target))
-    own_epochs = int(hp.get("epochs", defaults["epochs"]))
-    if "epochs" in user or name not in FORGET_LOOP_METHODS:
+    own_epochs = int(hp.get("epochs", method.defaults["epochs"]))
+    if "epochs" in user or not method.budget_in_forget_passes:
         epochs = own_epochs
     else:
         epochs = max(own_epochs, math.ceil(STEP_BUDGET / max(1, forget_batches)))
-    lr = hp.get("lr", defaults.get("lr"))
+    lr = hp.get("lr", method.defaults.get("lr"))
     grid = [lr] if lr is None or "lr" in user else [lr * f for f in LR_GRID]
     cal = Calibration(target=stop, budget_epochs=epochs,
                       fixed_by_user=sorted(k for k in ("lr", "epochs", "stop_forget_acc") if k in user))

@@ -1,4 +1,4 @@
-"""The validation half (SPEC §5.1): calibration may read D_f, D_r and a fixed, seeded half of the test split;
+"""The validation half: calibration may read D_f, D_r and a fixed, seeded half of the test split;
 test accuracy and the membership attacks' non-members are the other half, which nothing tunes on."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What a result row says about itself (SPEC §5.1): whether it met the forgetting target, whether it forgot
+"""What a result row says about itself: whether it met the forgetting target, whether it forgot
 at all, whether its weights are the original's, and whether its membership-attack figures rest on enough
 members to mean anything."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Amnesiac bookkeeping (SPEC §2): record each training step's parameter update with its batch's sample
+"""Amnesiac bookkeeping (docs/store-format.md): record each training step's parameter update with its batch's sample
 ids, store it compactly (memory or a crash-safe file), and subtract chosen steps' updates later.
 
 One job a module: :mod:`.recorder` (the training-loop wrapper), :mod:`.identity` (which model a store

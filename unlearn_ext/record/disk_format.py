@@ -1,4 +1,5 @@
-"""The bytes of a :class:`~unlearn_ext.record.DiskStore` file and how a file is read back (SPEC §2).
+"""The bytes of a :class:`~unlearn_ext.record.DiskStore` file and how a file is read back
+(docs/store-format.md#file-format).
 
 File format (little-endian)::
 

@@ -1,4 +1,5 @@
-"""DiskStore: an update store in a crash-safe file, written by a background thread (SPEC §2).
+"""DiskStore: an update store in a crash-safe file, written by a background thread
+(docs/store-format.md#crash-promises).
 
 The bytes are those of :mod:`.disk_format`. What the file promises:
 
@@ -75,7 +76,7 @@ def _write_all(f, pieces) -> None:
 
 
 class DiskStore(UpdateStore):
-    """Records appended to the file ``path`` by a background thread (SPEC §2).
+    """Records appended to the file ``path`` by a background thread.
 
     ``append`` checks and encodes on the caller's thread and queues the record; one writer thread
     serialises, checksums and writes it, so training does not wait on I/O. The queue holds at most

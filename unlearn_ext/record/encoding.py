@@ -1,4 +1,5 @@
-"""Compact encoding of sparse parameter updates, one encoding per layer segment (SPEC §2).
+"""Compact encoding of sparse parameter updates, one encoding per layer segment
+(docs/store-format.md#encoding).
 
 An update arrives as ``(values, indices, offsets)`` — the format of :func:`unlearn_ext.ops.layerwise_topk`:
 segment s owns ``values[offsets[s]:offsets[s+1]]`` and their flat int32 indices, ascending, within a

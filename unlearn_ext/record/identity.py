@@ -1,5 +1,5 @@
 """Which model a store's records belong to: :class:`Manifest` (the recorded layers and settings) and
-:func:`model_fingerprint` (SPEC §2).
+:func:`model_fingerprint` (docs/store-format.md#manifest-and-fingerprint).
 
 A store refuses a model whose fingerprint differs from its manifest's, naming the first layer that
 differs; a manifest read from a file is checked field by field, since every record is interpreted
@@ -36,6 +36,10 @@ _COMPILED = re.compile(r"(^|\.)_orig_mod\.")  # the path component torch.compile
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+#: The value dtypes by the names the command line, configurations and manifests use ("float32", ...).
+VALUE_DTYPE_BY_NAME = {dtype_name(d): d for d in VALUE_DTYPES}
 
 
 def _is_compiled(model: nn.Module) -> bool:
@@ -178,8 +182,8 @@ class Manifest:
             except ValueError:
                 raise bad("keep_ratio", f"must be null or a number in (0, 1], got {_short(keep_ratio)}") from None
         value_dtype = d["value_dtype"]
-        if value_dtype not in [dtype_name(t) for t in VALUE_DTYPES]:
-            raise bad("value_dtype", f"must be one of {', '.join(dtype_name(t) for t in VALUE_DTYPES)}, got "
+        if value_dtype not in VALUE_DTYPE_BY_NAME:
+            raise bad("value_dtype", f"must be one of {', '.join(VALUE_DTYPE_BY_NAME)}, got "
                                      f"{_short(value_dtype)}")
         fingerprint = d["fingerprint"]
         if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
@@ -250,5 +254,5 @@ def trainable_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in named_parameters(model) if p.requires_grad]
 
 
-__all__ = ["Manifest", "VALUE_DTYPES", "describe_difference", "dtype_name", "model_fingerprint", "model_layers",
-           "named_parameters", "trainable_parameters", "unwrap_model"]
+__all__ = ["Manifest", "VALUE_DTYPES", "VALUE_DTYPE_BY_NAME", "describe_difference", "dtype_name", "model_fingerprint",
+           "model_layers", "named_parameters", "trainable_parameters", "unwrap_model"]

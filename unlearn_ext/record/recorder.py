@@ -1,4 +1,5 @@
-"""UpdateRecorder: record each optimizer step's parameter update with the ids of its batch (SPEC §2).
+"""UpdateRecorder: record each optimizer step's parameter update with the ids of its batch
+(docs/store-format.md#what-is-recorded).
 
 Usage — one line around the optimizer step (this is what :func:`unlearn_ext.train.train` does)::
 

@@ -1,5 +1,5 @@
 """Which block of each parameter this process holds when the model is sharded — FSDP2's ``fully_shard``,
-or any model whose parameters are DTensors — and where a store recorded on a shard applies (SPEC §2).
+or any model whose parameters are DTensors — and where a store recorded on a shard applies.
 
 After ``fully_shard(model)`` every parameter is a DTensor: rank r holds one block of it (``p.to_local()``,
 by default rows ``offset .. offset + n`` of dim 0, split as ``torch.chunk`` splits). No rank ever holds a

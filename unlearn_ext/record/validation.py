@@ -1,4 +1,4 @@
-"""Checks of what a store is given to append: the step, the batch's sample ids and the update (SPEC §2).
+"""Checks of what a store is given to append: the step, the batch's sample ids and the update.
 
 Every failure is a ``ValueError`` naming the argument, raised before anything is stored. The checks a
 sparse update shares with :func:`unlearn_ext.ops.sparse_accumulate_` (offsets from 0 to the number of

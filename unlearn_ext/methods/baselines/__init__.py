@@ -1,4 +1,4 @@
-"""The neighbouring systems' methods (SPEC §4), one module per family; importing this package registers them.
+"""The neighbouring systems' methods, one module per family; importing this package registers them.
 
 * :mod:`.ascent` — ``ga``, ``ng_plus``;  :mod:`.relabelling` — ``srl``, ``salun``;
   :mod:`.conv_kernels` — ``msg``, ``ct``;  :mod:`.distillation` — ``scrub``, ``bad_teacher``;

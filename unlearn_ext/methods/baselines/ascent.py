@@ -28,6 +28,7 @@ class GradientAscent(Method):
 
     name = "ga"
     defaults = {"epochs": 10, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, **STOP_HPARAMS}
+    budget_in_forget_passes = True
 
     def _run(self, model, forget, retain, store, hp):
         stop = forget_stop(self.name, model, forget, hp)

@@ -15,9 +15,10 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from ...data import loader as make_loader
+from ...metrics import accuracy
 from ..base import Method, register_method
-from ..common import (STOP_HPARAMS, accuracy, batch_size_of, batches, dataset_of, device_of, forget_stop, make_sgd,
-                      run_epochs, sample_ids, sample_labels, set_lr)
+from ..common import (STOP_HPARAMS, batch_size_of, batches, dataset_of, device_of, forget_stop, make_sgd, run_epochs,
+                      sample_ids, sample_labels, set_lr)
 from ..hparams import NONNEGATIVE, POSITIVE
 from ..schedules import step_decay
 

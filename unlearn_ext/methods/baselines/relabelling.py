@@ -86,7 +86,7 @@ class SalUn(Method):
     Training multiplies each gradient by the mask before a plain SGD step (``freeze_unmasked=False``, the
     original's ``param.grad *= mask``; with momentum or weight decay they still move masked-out weights).
     ``freeze_unmasked=True`` steps through :class:`~unlearn_ext.optim.PartialSGD` with the mask instead, so
-    masked-out weights and their momentum stay bitwise unchanged (SPEC §1.5's rule). At the defaults
+    masked-out weights and their momentum stay bitwise unchanged (``masked_sgd_``'s rule). At the defaults
     (momentum 0, weight decay 0) the two are the same update.
     """
 

@@ -15,7 +15,7 @@ Method ``"sfron"``:
 The forget step is the original's — ``param.grad *= mask`` then ``optimizer.step()``, under which weight
 decay and momentum still move the masked-out weights (``freeze_unmasked=False``, default).
 ``freeze_unmasked=True`` applies it through :class:`~unlearn_ext.optim.PartialSGD` with the mask instead,
-so masked-out weights and their momentum stay bitwise unchanged on forget steps (SPEC §1.5's rule; the
+so masked-out weights and their momentum stay bitwise unchanged on forget steps (``masked_sgd_``'s rule; the
 retain steps use an all-true mask, so they are ordinary SGD steps).
 
 Defaults: the authors' CIFAR-10 setting — T = 1500, k = 5, γ = 1, λ = 0.5, α = 25, max_norm 7, SGD lr 0.01,

@@ -1,4 +1,4 @@
-"""Algorithm 1 of Gogineni & Nadimi: amnesiac and partial amnesiac unlearning (SPEC §2, §3).
+"""Algorithm 1 of Gogineni & Nadimi: amnesiac and partial amnesiac unlearning (docs/algorithms.md#partial-amnesiac).
 
 During training an :class:`~unlearn_ext.record.UpdateRecorder` (``NaiveAmnesiac.recorder(model)``,
 ``PartialAmnesiac.recorder(model, keep_ratio=r)``) stores each step's update Δ_b with the ids S_b of its
@@ -40,6 +40,7 @@ class NaiveAmnesiac(Method):
     needs_store = True
     defaults = {"finetune": True, "epochs": 1, "lr": 1e-3, "train_config": None}
     record_keep_ratio = None  # dense: NaiveAmnesiac.recorder(model) (see Method.recorder)
+    uses_model_lr = True  # the fine-tune is FT's recipe for one epoch
 
     def _run(self, model, forget, retain, store, hp):
         if hp["finetune"] and retain is None:

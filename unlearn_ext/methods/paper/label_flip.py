@@ -1,4 +1,4 @@
-"""Algorithm 2 of Gogineni & Nadimi: label-flipping unlearning, naive and layer-wise partial (SPEC §3).
+"""Algorithm 2 of Gogineni & Nadimi: label-flipping unlearning, naive and layer-wise partial (docs/algorithms.md#label-flip).
 
 Every forget sample gets a wrong label — uniform over the K − 1 other classes, drawn once per sample
 (seeded) and kept for the whole run — and the model is trained on D_f with those labels by SGD at the
@@ -58,7 +58,7 @@ class FlippedLabels:
 class LabelFlip(Method):
     """Naive label-flipping unlearning (Algorithm 2 with full updates).
 
-    Hyper-parameters: ``epochs`` E (5; the paper sweeps E, SPEC §3 gives no single value); ``lr`` — the
+    Hyper-parameters: ``epochs`` E (5; the paper sweeps E and gives no single value); ``lr`` — the
     model's learning rate (1e-3, the paper's shallow-model rate; the experiment runner passes each
     model's); ``momentum`` (0) and ``weight_decay`` (0) of the SGD;
     ``seed`` of the label draw (0; K is the model's output width);
@@ -70,6 +70,8 @@ class LabelFlip(Method):
     name = "label_flip"
     defaults = {"epochs": 5, "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "seed": 0,
                 **STOP_HPARAMS, "test_loader": None}
+    uses_model_lr = True  # Algorithm 2 trains at the model's learning rate
+    budget_in_forget_passes = True
 
     def _optimizer(self, model, hp):
         return make_sgd(model.parameters(), hp["lr"], hp["momentum"], hp["weight_decay"])
@@ -99,6 +101,7 @@ class PartialLabelFlip(LabelFlip):
 
     name = "partial_label_flip"
     defaults = {**LabelFlip.defaults, "keep_ratio": 0.1, "selection": "magnitude"}
+    takes_run_keep_ratio = True
     ranges = {"keep_ratio": RATIO}
 
     def _optimizer(self, model, hp):

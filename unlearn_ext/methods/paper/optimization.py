@@ -1,4 +1,4 @@
-"""Algorithm 3 of Gogineni & Nadimi: optimization-based unlearning, naive and layer-wise partial (SPEC §3).
+"""Algorithm 3 of Gogineni & Nadimi: optimization-based unlearning, naive and layer-wise partial (docs/algorithms.md#optimization).
 
 Gradient ascent on the forget loss: each step maximises an objective J on a forget batch (and, when the
 objective uses one, a retain batch drawn from an endless pass over D_r) by SGD with ``maximize=True``,
@@ -61,7 +61,7 @@ OBJECTIVES: Dict[str, Callable] = {
 class Optimization(Method):
     """Naive optimization-based unlearning (Algorithm 3 with full updates).
 
-    Hyper-parameters: ``epochs`` E (5; the paper sweeps E, SPEC §3 gives no single value); ``lr`` — the
+    Hyper-parameters: ``epochs`` E (5; the paper sweeps E and gives no single value); ``lr`` — the
     model's learning rate (1e-3; the experiment runner passes each model's); ``momentum`` (0) and
     ``weight_decay`` (0) of the SGD; ``objective`` ("ascent" | "regularised_ascent" | "kl_uniform" |
     callable, see the module docstring); ``beta`` (0) and ``alpha`` (0.95)
@@ -74,6 +74,8 @@ class Optimization(Method):
     name = "optimization"
     defaults = {"epochs": 5, "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "objective": "ascent", "beta": 0.0,
                 "alpha": 0.95, **STOP_HPARAMS, "test_loader": None}
+    uses_model_lr = True  # Algorithm 3 trains at the model's learning rate
+    budget_in_forget_passes = True
 
     def _optimizer(self, model, hp):
         return make_sgd(model.parameters(), hp["lr"], hp["momentum"], hp["weight_decay"], maximize=True)
@@ -114,6 +116,7 @@ class PartialOptimization(Optimization):
 
     name = "partial_optimization"
     defaults = {**Optimization.defaults, "keep_ratio": 0.1, "selection": "magnitude", "seed": 0}
+    takes_run_keep_ratio = True
     ranges = {"keep_ratio": RATIO}
 
     def _optimizer(self, model, hp):
