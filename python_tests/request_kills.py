@@ -89,7 +89,7 @@ def argv(folder: str, index: int) -> List[str]:
             "--request-id", rid, "--max-undone", "1"]
 
 
-def _run_child(args: List[str], crash: Optional[str]) -> int:
+def run_child(args: List[str], crash: Optional[str]) -> int:
     """Fork a child running `forget` on ``args`` (``crash``: the named crash point); its pid."""
     pid = os.fork()
     if pid == 0:  # the child: never returns
@@ -141,7 +141,7 @@ def make_scenario(root: str) -> Scenario:
         shutil.copytree(work, snapshot)
         before.append(snapshot)
         log_size = os.path.getsize(os.path.join(work, "run.ulx.requests"))
-        pid = _run_child(argv(work, i), None)
+        pid = run_child(argv(work, i), None)
         t = time.perf_counter()  # from the fork's return, as the kill's delay counts (a fork here takes ~20 ms)
         _, status = os.waitpid(pid, 0)
         seconds = min(seconds, time.perf_counter() - t)
@@ -160,7 +160,7 @@ def kill_trial(scenario: Scenario, workdir: str, index: int, point: Optional[str
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(scenario.before[index], folder)
     args = argv(folder, index)
-    pid = _run_child(args, point)
+    pid = run_child(args, point)
     delay = None
     if point is None:
         delay = (rng or random).uniform(0.0, 0.7 * scenario.seconds)
@@ -186,4 +186,4 @@ def kill_trial(scenario: Scenario, workdir: str, index: int, point: Optional[str
             "logged_before_rerun": logged_before_rerun}
 
 
-__all__ = ["NAMED_POINTS", "REQUESTS", "Scenario", "argv", "kill_trial", "make_scenario"]
+__all__ = ["NAMED_POINTS", "REQUESTS", "Scenario", "argv", "kill_trial", "make_scenario", "run_child"]

@@ -2,11 +2,17 @@
 with every id forgotten so far (two models, a schedule, weight decay, SGD and Adam, with and without checkpoints
 between the affected steps); later amnesiac requests undo the replayed trajectory; the router's choice and its
 cost estimate are in every receipt; `--dry-run` writes nothing; retries and a killed replay leave one answer."""
+import contextlib
+import io
 import json
 import os
+import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -20,6 +26,7 @@ from unlearn_ext.deletion.commands import forget_main, train_main  # noqa: E402
 from unlearn_ext.deletion import exact  # noqa: E402
 from unlearn_ext.deletion.replay import Checkpoints, batch_plan  # noqa: E402
 from unlearn_ext.record import DiskStore  # noqa: E402
+from request_kills import run_child  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -180,7 +187,7 @@ def test_an_exact_request_again_is_already_served_or_redone_bitwise(run, capsys)
     (folder / "out.pt").unlink()  # the output lost: the same command on its input redoes it
     assert _forget(folder, [11], "model.pt", "out.pt", "--exact") == 0
     assert "redone" in capsys.readouterr().out and _digest(folder / "out.pt") == state_digest(
-        torch.load(__import__("io").BytesIO(served), weights_only=True))
+        torch.load(io.BytesIO(served), weights_only=True))
     assert len(RequestLog(folder / "run.ulx.requests", DiskStore(folder / "run.ulx")).receipts()) == 1
 
 
@@ -247,7 +254,7 @@ def test_bad_phases_are_refused_before_training(tmp_path, capsys, phases, match)
     with pytest.raises(SystemExit) as refused:
         _train(tmp_path / "run", "mlp-adam-cosine-wd", "--phases", phases)
     err = capsys.readouterr().err
-    assert refused.value.code == 2 and __import__("re").search(match, err) and not os.listdir(tmp_path / "run")
+    assert refused.value.code == 2 and re.search(match, err) and not os.listdir(tmp_path / "run")
 
 
 def _served(folder):
@@ -264,10 +271,6 @@ def _served(folder):
 def test_exact_requests_killed_at_random_moments_then_rerun_give_the_uninterrupted_result(tmp_path, seed):
     """`forget --exact` forked and SIGKILLed after a random delay within the uninterrupted run's time, then run
     again: exit 0, the uninterrupted output bitwise, the same single receipt, no partial generation left."""
-    import random
-    import signal
-    import time
-
     recipe = "mlp-adam-cosine-wd"
     fresh = _train(tmp_path / "fresh", recipe, "--checkpoint-every", "4")
     _ids(fresh, "k.txt", [21, 130])
@@ -283,18 +286,9 @@ def test_exact_requests_killed_at_random_moments_then_rerun_give_the_uninterrupt
     seconds = time.perf_counter() - start
     trial = tmp_path / "trial"
     shutil.copytree(fresh, trial)
-    pid = os.fork()
-    if pid == 0:  # the child: never returns
-        code = 70
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            code = forget_main(args(trial))
-        finally:
-            os._exit(code)
+    pid = run_child(args(trial), None)
     time.sleep(random.Random(seed).uniform(0.0, 0.9 * seconds))
-    with __import__("contextlib").suppress(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     assert forget_main(args(trial)) == 0

@@ -162,7 +162,7 @@ class RequestLog:
             if plan.route["tier"] == "exact":
                 facts.update(self._replay(contents.header, plan, state, tensors, training_data, data_root))
             else:
-                _apply(self._current_stores(), tensors, plan.new)
+                _apply(self._stores_of(self._current), tensors, plan.new)
                 facts.update(steps_new=plan.new, steps_skipped=plan.skipped,
                              undone_steps=len(plan.undone) + len(plan.new), recorded_steps=len(self._current.store),
                              fraction_undone=plan.fraction, tier="amnesiac", method=self._method())
@@ -264,9 +264,9 @@ class RequestLog:
             route["reason"] = "asked for" if tier == "amnesiac" else "within the guard"
         return _Plan(None, new, [s for s in steps if s in undone], undone, fraction, route, forgotten)
 
-    def _current_stores(self) -> List[UpdateStore]:
-        """The stores an amnesiac undo applies: the recording's (every rank's), or the newest replay's."""
-        return self.stores if self._current.index == 0 else [self._current.store]
+    def _stores_of(self, generation: exact.Generation) -> List[UpdateStore]:
+        """The stores an amnesiac undo on ``generation`` applies: the recording's (every rank's), or a replay's."""
+        return self.stores if generation.index == 0 else [generation.store]
 
     def _replay(self, header: dict, plan: "_Plan", state: State, tensors, training_data, data_root) -> dict:
         """Serve ``plan`` by exact replay (:mod:`.exact`): the state replaced in place by the replayed one; the
@@ -301,7 +301,7 @@ class RequestLog:
                 else:  # on the generation it was served on
                     served_on = self._generations.current(contents.header,
                                                           contents.entries[:contents.entries.index(prior)])
-                    _apply(self.stores if served_on.index == 0 else [served_on.store], tensors, prior["steps_new"])
+                    _apply(self._stores_of(served_on), tensors, prior["steps_new"])
                 digest_out = state_digest(state)
                 if digest_out != prior["sha256_after"]:
                     raise RuntimeError(f"request {rid!r} redone on its logged input gave {digest_out[:16]}…, not its "
