@@ -6,30 +6,46 @@
     python benchmarks/reproduce_paper.py --datasets fashion_mnist --models mlp,lenet --train-size 0 \
         --test-size 0 --methods retrain,label_flip,partial_label_flip,optimization,partial_optimization \
         --keep-ratios 0.01,0.05,0.1,0.2,0.5 --out benchmarks/results/equal_forgetting.md
+    # every method on the demo's setting; seed 0 is exactly what `unlearn-ext demo` prints (same threads):
+    python benchmarks/reproduce_paper.py --setting demo --methods all \
+        --out benchmarks/results/paper_tables_demo_setting_all_methods.md
+    # the markdown again from the raw data, measuring nothing:
+    python benchmarks/reproduce_paper.py --report benchmarks/results/equal_forgetting.json --out /tmp/t.md
 
 Each (data set, model, seed) is one :func:`unlearn_ext.experiment.run_experiment` with the paper's protocol
-(8 epochs, batch 128, Adam at the model's learning rate by default): every method at its own defaults, the
-methods with a strength knob run to the forgetting target (the original's accuracy on the validation half of
-the test split; chance for a whole class), TA on the other half. Each row gives how many seeds met the target,
-the steps used, and its flags ("no forgetting": FA did not move; the row is not to be ranked). Data sets whose
-files are missing are listed as skipped with the reason.
+(8 epochs, batch 128, Adam at the model's learning rate by default; ``--setting demo`` starts from
+``unlearn-ext demo``'s configuration instead, and any option given overrides it): every method at its own
+defaults, the methods with a strength knob run to the forgetting target (the original's accuracy on the
+validation half of the test split; chance for a whole class), TA on the other half. Runs are deterministic
+(``torch.use_deterministic_algorithms``), so a seed reproduces on the same thread count.
+
+Writes ``<out>.json`` — every run's result dict (config as used, environment with threads and load, every row
+of every seed with its calibration tries, verdict flags and weight digest), the command, machine and git commit —
+after each seed, then ``<out>`` (markdown) from that JSON alone (``--report`` does only the second step). Each
+row gives how many seeds met the target, the steps and seconds of every calibration try (the kept try's beside),
+and its flags ("no forgetting": FA did not move; the row is not to be ranked). Data sets whose files are missing
+are listed as skipped with the reason.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import json
 import os
 import statistics
 import sys
 
 from unlearn_ext import available_methods, results
-from unlearn_ext.experiment import DEMO_METHODS, ExperimentConfig, run_experiment
-from unlearn_ext.machine import describe_machine
-from unlearn_ext.protocol import mia_reliable
+from unlearn_ext.experiment import ExperimentConfig, demo_config, run_experiment
+from unlearn_ext.machine import describe_commit, describe_machine, git_commit
+from unlearn_ext.protocol import LR_GRID, STEP_BUDGET, mia_reliable
 from unlearn_ext.record.identity import VALUE_DTYPE_BY_NAME
 
 METRICS = [("RA", "RA"), ("FA", "FA"), ("TA", "TA"), ("MIA", "MIA"), ("LR-MIA", "LR_MIA"), ("Avg.Gap", "avg_gap"),
-           ("seconds", "seconds")]
+           ("seconds (all tries)", "seconds"), ("RTE (all tries)", "rte")]
+#: Data sets and models of each setting when --datasets/--models are not given.
+SETTING_PAIRS = {"paper": ("digits,fashion_mnist", "mlp,lenet,resnet9"), "demo": ("auto", "lenet")}
 
 
 def _mean_std(values):
@@ -42,7 +58,8 @@ def _mean_std(values):
 
 
 def _forgetting(rows) -> str:
-    """Target met in how many seeds, mean steps of the kept runs, the learning rates kept, and every flag."""
+    """Target met in how many seeds, mean steps over every calibration try (and of the kept try), the learning
+    rates kept, and every flag."""
     verdicts = [r.get("verdict") for r in rows]
     if not all(verdicts):
         return ""
@@ -51,7 +68,9 @@ def _forgetting(rows) -> str:
     cals = [r.get("calibration") for r in rows]
     if all(cals):
         kept = [c["tries"][c["chosen"]] for c in cals]
-        cells.append(f"{statistics.fmean(k['steps'] or 0 for k in kept):.0f} steps")
+        tries = [len(c["tries"]) for c in cals]
+        cells.append(f"{statistics.fmean(c['steps_all_tries'] or 0 for c in cals):.0f} steps over "
+                     f"{'/'.join(map(str, tries))} tries (kept try {statistics.fmean(k['steps'] or 0 for k in kept):.0f})")
         cells.append("lr " + "/".join(f"{k['lr']:.3g}" for k in kept))
     flags = sorted({v["flag"] for v in verdicts} - {""})
     return "; ".join(flags + cells)
@@ -80,74 +99,158 @@ def table(runs) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def _split(size) -> str:
+    return "whole" if not size else f"subsampled to {size}"
+
+
+def _protocol(cfg: dict, seeds) -> str:
+    forget = (f"whole class {cfg['forget_class']}" if cfg["forget_class"] is not None
+              else f"random forget set of {cfg['forget_ratio']:.2%}")
+    ratios = cfg["keep_ratios"] or [cfg["keep_ratio"]]
+    rate = "the model's rate" if cfg["lr"] is None else f"{cfg['lr']:g}"
+    grid = ", ".join(f"×{f:g}" for f in LR_GRID)
+    calibration = ("no calibration." if not cfg["calibrate"] else
+                   "methods with a stopping knob run to the forgetting target (FA ≤ the original's validation "
+                   f"accuracy; chance for a class) within {STEP_BUDGET} steps per learning rate of the grid {grid}, "
+                   "on validation data only.")
+    kernels = "deterministic" if cfg["deterministic"] else "non-deterministic"
+    return (f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, Adam at {rate}; {forget}; training split "
+            f"{_split(cfg['train_size'])}, test split {_split(cfg['test_size'])} and halved into validation and "
+            f"reported test; updates recorded in {cfg['value_dtype']}; keep ratio(s) {ratios}; {kernels} kernels; "
+            f"mean ± std over seeds {seeds}. Every method at its own defaults; {calibration}")
+
+
+def report(raw: dict) -> str:
+    """The markdown of a run, from its JSON alone."""
+    pairs = [p for p in raw["pairs"] if p.get("runs") or p.get("skipped")]
+    done = [p for p in pairs if p.get("runs")]
+    first = done[0]["runs"][0] if done else None
+    threads = sorted({r["environment"]["torch_threads"] for p in done for r in p["runs"]})
+    out = [f"# Reproduction tables ({raw['started_at'][:10]})", "",
+           f"Generated by `{raw['command']}` ({describe_commit(raw.get('commit'))}); "
+           f"markdown from `{raw['json_name']}` by `--report`.", "",
+           f"Machine: {raw['machine']}; torch threads {threads}. Load average at start {raw['load_start']:.1f}"
+           + (f", at end {raw['load_end']:.1f}" if raw.get("load_end") is not None else " (run not finished)")
+           + " (seconds are wall time, inflated on a shared machine)."]
+    if first is not None:
+        seeds = sorted({r["config"]["seed"] for p in done for r in p["runs"]})
+        out += ["", "Protocol: " + _protocol(first["config"], seeds) +
+                " forgetting: seeds that met the target, mean optimizer steps over every calibration try (a "
+                "try that missed the target ran too; the kept try's mean beside) and the learning rates kept; "
+                "seconds and RTE (Retrain's seconds / the method's) also count every try; 'no forgetting' = FA "
+                "did not move (not to be ranked). LR-MIA: loss-LR attack accuracy (0.5 = indiscernible); MIA: "
+                "fraction of the forget set the shadow SVC (confidence feature) calls member (compare with "
+                "Retrain)."]
+    out.append("")
+    for p in pairs:
+        if not p.get("runs"):
+            out += [f"## {p['dataset']} / {p['model']}: skipped", "", p["skipped"], ""]
+            continue
+        runs, r0 = p["runs"], p["runs"][0]
+        targets = ", ".join(f"{r['forgetting_target']['value']:.3f}" for r in runs)
+        out += [f"## {r0['dataset']} / {p['model']}", "",
+                f"Source: {r0['dataset_source']}. Sizes: {r0['sizes']}. Steps holding a forget sample: "
+                f"{r0['fraction_of_steps_with_forget']:.1%}. Forgetting target per seed: {targets} "
+                f"({r0['forgetting_target']['basis']}).", "", table(runs), ""]
+    return "\n".join(out) + "\n"
+
+
+def _seed_config(args, base: ExperimentConfig, dataset: str, model: str, seed: int) -> ExperimentConfig:
+    """``base`` (the setting) with every option the command line gave."""
+    given = {k: v for k, v in dict(
+        forget_ratio=args.forget_ratio, forget_class=args.forget_class, epochs=args.epochs,
+        batch_size=args.batch_size, value_dtype=args.value_dtype, root=args.root).items() if v is not None}
+    for name in ("train_size", "test_size"):
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name) or None  # 0: the whole split
+    if args.keep_ratios is not None:
+        ratios = [float(r) for r in args.keep_ratios.split(",")]
+        given.update(keep_ratio=ratios[0], keep_ratios=ratios if len(ratios) > 1 else None)
+    if given.get("forget_class") is not None:
+        given["forget_ratio"] = None
+    methods = available_methods() if args.methods == "all" else args.methods.split(",")
+    return dataclasses.replace(base, dataset=dataset, model=model, methods=methods, seed=seed,
+                               calibrate=base.calibrate and not args.no_calibrate,
+                               store_dir=args.store_dir, keep_stores=False, **given)
+
+
+def _arguments(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", default="digits,fashion_mnist")
-    p.add_argument("--models", default="mlp,lenet,resnet9")
-    p.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated names, or 'all'")
+    p.add_argument("--setting", choices=sorted(SETTING_PAIRS), default="paper",
+                   help="the configuration the options below change: the paper's protocol, or the demo's")
+    p.add_argument("--datasets", default=None, help="default: digits,fashion_mnist (paper); auto (demo)")
+    p.add_argument("--models", default=None, help="default: mlp,lenet,resnet9 (paper); lenet (demo)")
+    p.add_argument("--methods", default=",".join(ExperimentConfig().methods), help="comma-separated names, or 'all'")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--forget-ratio", type=float, default=0.01)
+    p.add_argument("--forget-ratio", type=float, default=None)
     p.add_argument("--forget-class", type=int, default=None)
-    p.add_argument("--keep-ratios", default="0.1", help="r of the partial methods; several: one row per r")
-    p.add_argument("--train-size", type=int, default=6000, help="0: the whole training split")
-    p.add_argument("--test-size", type=int, default=2000, help="0: the whole test split")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--keep-ratios", default=None, help="r of the partial methods; several: one row per r")
+    p.add_argument("--train-size", type=int, default=None, help="0: the whole training split")
+    p.add_argument("--test-size", type=int, default=None, help="0: the whole test split")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--no-calibrate", action="store_true")
     p.add_argument("--store-dir", default=None,
                    help="DiskStores here instead of memory (large models); removed after each seed")
-    p.add_argument("--value-dtype", default="float32", choices=list(VALUE_DTYPE_BY_NAME),
-                   help="of the recorded updates")
+    p.add_argument("--value-dtype", default=None, choices=list(VALUE_DTYPE_BY_NAME), help="of the recorded updates")
     p.add_argument("--root", default=None)
-    p.add_argument("--out", default="benchmarks/results/paper_tables.md")
-    args = p.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    methods = available_methods() if args.methods == "all" else args.methods.split(",")
-    ratios = [float(r) for r in args.keep_ratios.split(",")]
-    forget = (f"whole class {args.forget_class}" if args.forget_class is not None
-              else f"random forget set of {args.forget_ratio:.2%}")
-    out = [f"# Reproduction tables ({datetime.date.today()})", "",
-           f"Machine: {describe_machine()}. Protocol: {args.epochs} epochs, batch "
-           f"{args.batch_size}, Adam at the model's rate; {forget}; training split "
-           f"{'whole' if not args.train_size else f'subsampled to {args.train_size}'}, test split "
-           f"{'whole' if not args.test_size else f'subsampled to {args.test_size}'} and halved into validation and "
-           f"reported test; updates recorded in {args.value_dtype}; keep ratio(s) {ratios}; mean ± std over seeds "
-           f"{seeds}. Every method at its own defaults; "
-           + ("no calibration." if args.no_calibrate else
-              "methods with a stopping knob run to the forgetting target (FA ≤ the original's validation accuracy; "
-              "chance for a class) within 250 steps per learning rate of the grid ×1, ×3, ×10, ×30, on validation "
-              "data only.") +
-           " forgetting: seeds that met the target, mean steps and the learning rates kept; 'no forgetting' = FA "
-           "did not move (not to be ranked). LR-MIA: loss-LR attack accuracy (0.5 = indiscernible); MIA: fraction "
-           "of the forget set the shadow SVC (confidence feature) calls member (compare with Retrain). "
-           f"Load average at start: {os.getloadavg()[0]:.1f} (seconds are wall time, inflated on a shared machine).",
-           ""]
-    for ds in args.datasets.split(","):
-        for model in args.models.split(","):
-            runs = []
+    p.add_argument("--out", default="benchmarks/results/paper_tables.md", help="the markdown; the JSON beside it")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the (data set, model, seed) runs already in the JSON and run only the others")
+    p.add_argument("--report", metavar="JSON", help="measure nothing: write --out from this JSON")
+    return p, p.parse_args(argv)
+
+
+def _json_path(out: str) -> str:
+    return os.path.splitext(out)[0] + ".json"
+
+
+def _write(raw: dict, out: str) -> str:
+    results.write_text(json.dumps(raw, indent=1), _json_path(out))
+    text = report(raw)
+    results.write_text(text, out)
+    return text
+
+
+def main(argv=None) -> int:
+    parser, args = _arguments(argv)
+    if args.report:
+        try:
+            with open(args.report) as f:
+                raw = json.load(f)
+            text = report(raw)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--report: {args.report} is not a reproduce_paper JSON ({type(e).__name__}: {e})")
+        results.write_text(text, args.out)
+        print(text)
+        return 0
+    base = demo_config() if args.setting == "demo" else ExperimentConfig()
+    datasets, models = SETTING_PAIRS[args.setting]
+    seeds = [int(s) for s in (args.seeds.split(","))]
+    previous = {}
+    if args.resume and os.path.exists(_json_path(args.out)):
+        with open(_json_path(args.out)) as f:
+            previous = {(p["dataset"], p["model"]): p for p in json.load(f)["pairs"]}
+    command = "python benchmarks/reproduce_paper.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    raw = {"command": command, "json_name": os.path.basename(_json_path(args.out)),
+           "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "machine": describe_machine(), "commit": git_commit(), "load_start": os.getloadavg()[0],
+           "load_end": None, "args": vars(args), "pairs": []}
+    for ds in (args.datasets or datasets).split(","):
+        for model in (args.models or models).split(","):
+            pair = {"dataset": ds, "model": model, "runs": [], "skipped": None}
+            raw["pairs"].append(pair)
+            kept = {r["config"]["seed"]: r for r in previous.get((ds, model), {}).get("runs", [])}
             try:
                 for seed in seeds:
-                    cfg = ExperimentConfig(dataset=ds, root=args.root, model=model, methods=methods,
-                                           forget_ratio=args.forget_ratio, forget_class=args.forget_class,
-                                           train_size=args.train_size or None, test_size=args.test_size or None,
-                                           keep_ratios=ratios, epochs=args.epochs, batch_size=args.batch_size,
-                                           calibrate=not args.no_calibrate, store_dir=args.store_dir,
-                                           keep_stores=False, value_dtype=args.value_dtype, seed=seed)
-                    runs.append(run_experiment(cfg, progress=False))
+                    cfg = _seed_config(args, base, ds, model, seed)
+                    pair["runs"].append(kept.get(seed) or run_experiment(cfg, progress=False))
                     print(f"done {ds}/{model}/seed {seed}", file=sys.stderr, flush=True)
+                    _write(raw, args.out)  # after each seed: an interrupted run keeps what it measured
             except (FileNotFoundError, ValueError) as e:
-                out += [f"## {ds} / {model}: skipped", "", f"{type(e).__name__}: {e}", ""]
-                continue
-            r0 = runs[0]
-            targets = ", ".join(f"{r['forgetting_target']['value']:.3f}" for r in runs)
-            out += [f"## {r0['dataset']} / {model}", "",
-                    f"Source: {r0['dataset_source']}. Sizes: {r0['sizes']}. Steps holding a forget sample: "
-                    f"{r0['fraction_of_steps_with_forget']:.1%}. Forgetting target per seed: {targets} "
-                    f"({r0['forgetting_target']['basis']}).", "", table(runs), ""]
-            results.write_text("\n".join(out) + "\n", args.out)  # after each pair: partial tables survive an interrupt
-    out.append(f"Load average at end: {os.getloadavg()[0]:.1f}.")
-    results.write_text("\n".join(out) + "\n", args.out)
-    print("\n".join(out))
+                pair.update(runs=[], skipped=f"{type(e).__name__}: {e}")
+    raw["load_end"] = os.getloadavg()[0]
+    print(_write(raw, args.out))
     return 0
 
 

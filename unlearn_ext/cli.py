@@ -101,7 +101,8 @@ def _add_experiment_args(p: argparse.ArgumentParser, defaults: ExperimentConfig)
                    help="training learning rate (default: the model's, as in the paper)")
     p.add_argument("--seeds", type=_list(seed), default=[defaults.seed], metavar="S1,S2,...",
                    help="one run per seed, each in [0, 2**32) (data subsample, forget set, initialisation, shuffles)")
-    p.add_argument("--deterministic", action="store_true", help="bitwise-reproducible runs on the CPU")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=defaults.deterministic,
+                   help="bitwise-reproducible runs on the CPU for a given thread count (default: on)")
     p.add_argument("--no-calibrate", action="store_true",
                    help="run every method at its plain defaults, without running it to the forgetting target")
     p.add_argument("--value-dtype", default=defaults.value_dtype, choices=sorted(VALUE_DTYPE_BY_NAME),

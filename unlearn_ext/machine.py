@@ -1,6 +1,7 @@
 """Facts about the machine a measurement ran on, collected one way for every benchmark, ``unlearn-ext bench``
 and ``results.json``: :func:`machine_facts` (a dict, stored as is in results files) and
-:func:`describe_machine` (the one line a results page prints)."""
+:func:`describe_machine` (the one line a results page prints); :func:`git_commit` names the code a harness ran
+and :func:`describe_commit` words it for the page."""
 from __future__ import annotations
 
 import os
@@ -63,4 +64,27 @@ def describe_machine(facts: Optional[dict] = None) -> str:
             f"with {f['torch_threads']} threads, unlearn_ext {build['version']} ({build['backend']} kernels)")
 
 
-__all__ = ["describe_machine", "load_averages", "machine_facts"]
+def git_commit(folder: Optional[str] = None) -> Optional[dict]:
+    """The git checkout at ``folder`` (default: the current directory) as ``{"commit": HEAD's hash, "dirty":
+    whether tracked files differ from it}``, read now (untracked files do not count, as in ``git describe
+    --dirty``); None outside a checkout or where git is missing."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10)
+        # no optional locks: a harness must not take the index lock from whoever else works in the checkout
+        status = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=folder, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0 or status.returncode != 0:
+        return None
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def describe_commit(git: Optional[dict]) -> str:
+    """Words for a results page naming the code of a :func:`git_commit` record."""
+    if git is None:
+        return "not in a git checkout"
+    return f"commit `{git['commit'][:12]}`" + (" with uncommitted changes" if git["dirty"] else "")
+
+
+__all__ = ["describe_commit", "describe_machine", "git_commit", "load_averages", "machine_facts"]
