@@ -2,6 +2,7 @@
 and storage bytes per step against the dense update.
 
     python benchmarks/bench_record.py --runs mlp:32,mlp:128,resnet18:32 --out benchmarks/results/cpu_record.md
+    python benchmarks/bench_record.py --report benchmarks/results/cpu_record.json   # the page only, from the JSON
 
 Overhead. For each run ``model:batch`` (an MLP on 1×28×28 inputs, ResNet-18 on 3×32×32; Adam at the
 paper's learning rate, random data) the benchmark times blocks of ``--block`` training steps: plain, and with an
@@ -17,11 +18,17 @@ values), the split by encoding, and the ratio to the dense fp32 update.
 
 ``--threads`` (default 1) sets torch's intra-op threads: on a CPU shared with other jobs, OpenMP threads
 that outnumber the free cores make every step (and the ratios) erratic.
+
+With ``--out X.md`` the raw figures (every round's per-step times in its shuffled order, the storage rows, the
+targets and their verdicts, the options used, machine, load averages, versions and the git commit) are written
+to ``X.json`` first, and the page is rendered from that JSON alone; ``--report X.json`` renders it again
+without measuring.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import random
 import statistics
@@ -33,7 +40,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from unlearn_ext.machine import describe_machine
+from unlearn_ext.machine import describe_commit, describe_machine, git_commit, load_averages, machine_facts
 from unlearn_ext.models import make_model, recommended_lr
 from unlearn_ext.record import DiskStore, MemoryStore, UpdateRecorder
 from unlearn_ext.results import write_text
@@ -50,6 +57,8 @@ STORAGE_CONFIGS = [(None, torch.float32), (None, torch.float16)] + [
 OVERHEAD_TARGET, BYTES_TARGET = 0.25, 0.10
 OVERHEAD_TARGETS = {"resnet18": 0.10}  # issue 15: ResNet-18 at batch 32; the small models OVERHEAD_TARGET
 MIN_BLOCK = 3  # steps: a block of one ResNet-18 step swung the ratio by ±40 % between rounds
+#: What a raw file names as its maker: ``--report`` refuses any other.
+HARNESS = "benchmarks/bench_record.py"
 
 
 def _setup(name: str, batch: int, seed: int = 0):
@@ -86,9 +95,11 @@ def measure_overhead(name: str, batch: int, rounds: int, block_seconds: float, w
     block = max(MIN_BLOCK, round(block_seconds / ((time.perf_counter() - t) / 2)))
     wall: Dict[str, List[float]] = {c: [] for c in ["plain", *OVERHEAD_CONFIGS]}
     cpu: Dict[str, List[float]] = {c: [] for c in ["plain", *OVERHEAD_CONFIGS]}
+    orders = []
     for r in range(rounds):
         order = ["plain", *OVERHEAD_CONFIGS]
         rng.shuffle(order)
+        orders.append(order)
         for cfg in order:
             rec = store = None
             if cfg != "plain":
@@ -108,8 +119,11 @@ def measure_overhead(name: str, batch: int, rounds: int, block_seconds: float, w
                     os.unlink(store.path)
     ratios = {k: {c: [a / b - 1.0 for a, b in zip(v[c], v["plain"])] for c in OVERHEAD_CONFIGS}
               for k, v in (("wall", wall), ("cpu", cpu))}
-    return {"params": sum(p.numel() for p in model.parameters()), "block": block, "wall": wall, "cpu": cpu,
-            "ratios": ratios}
+    target = OVERHEAD_TARGETS.get(name, OVERHEAD_TARGET)
+    medians = {c: statistics.median(ratios["cpu"][c]) for c in OVERHEAD_CONFIGS}
+    verdicts = {c: {"median_cpu": m, "target": target, "met": m <= target} for c, m in medians.items()}
+    return {"model": name, "batch": batch, "params": sum(p.numel() for p in model.parameters()), "block": block,
+            "orders": orders, "wall": wall, "cpu": cpu, "ratios": ratios, "verdicts": verdicts}
 
 
 def measure_storage(name: str, batch: int, steps: int) -> Dict:
@@ -126,10 +140,13 @@ def measure_storage(name: str, batch: int, steps: int) -> Dict:
         st = rec.store
         per_step = sum(st.record_nbytes()) / len(st)
         by_kind = st.encoding_nbytes()
+        ratio = per_step / st.manifest.dense_nbytes()
         out.append({"keep_ratio": kr, "dtype": str(dt).replace("torch.", ""), "bytes_per_step": per_step,
-                    "dense_per_step": st.manifest.dense_nbytes(), "ratio": per_step / st.manifest.dense_nbytes(),
-                    "by_kind": {k: v / len(st) for k, v in by_kind.items() if k != "metadata"}})
-    return {"params": sum(p.numel() for p in model.parameters()), "rows": out}
+                    "dense_per_step": st.manifest.dense_nbytes(), "ratio": ratio,
+                    "by_kind": {k: v / len(st) for k, v in by_kind.items() if k != "metadata"},
+                    # the target is stated for partial r=10% fp16 only
+                    "target_met": ratio <= BYTES_TARGET if (kr, dt) == (0.1, torch.float16) else None})
+    return {"model": name, "batch": batch, "params": sum(p.numel() for p in model.parameters()), "rows": out}
 
 
 def contextlib_exit_stack(recs, ids):
@@ -152,74 +169,52 @@ def _run_spec(ap: argparse.ArgumentParser, text: str) -> Tuple[str, int]:
     return name, int(batch)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", default="mlp:32,mlp:128,resnet18:32", help="model:batch, comma-separated")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--block-seconds", type=float, default=0.5, help="steps per block: about this long (at least MIN_BLOCK = 3)")
-    ap.add_argument("--storage-steps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rng = random.Random(args.seed)
-    runs = [_run_spec(ap, r) for r in args.runs.split(",")]
-    load_before = os.getloadavg()
-    t0 = time.perf_counter()
-    overhead, storage = {}, {}
-    with tempfile.TemporaryDirectory() as workdir:
-        for name, batch in runs:
-            overhead[(name, batch)] = measure_overhead(name, batch, args.rounds, args.block_seconds, workdir, rng)
-            if name not in storage:
-                storage[name] = measure_storage(name, batch, args.storage_steps)
-            print(f"{name}:{batch} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    load_after = os.getloadavg()
-
+def report(doc: dict) -> str:
+    """The page, from a raw record alone (what ``--report`` reads back)."""
+    args, targets, facts, git = doc["args"], doc["targets"], doc["machine"], doc["git"]
+    load_before, load_after = (float(x.split()[0]) if x else float("nan")
+                               for x in (facts.get("loadavg"), doc["loadavg_end"]))
+    raw = (f"Raw figures: `{doc['json']}`; `python {HARNESS} --report {doc['json']}` rewrites this page from them."
+           if doc["json"] else "Raw figures not saved (run without --out).")
     lines = ["# Recording cost on the CPU", "",
-             f"Generated by `python benchmarks/bench_record.py --runs {args.runs} --rounds {args.rounds} "
-             f"--block-seconds {args.block_seconds} --storage-steps {args.storage_steps} --threads {args.threads}` "
-             f"on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
-             f"({time.perf_counter() - t0:.0f} s).", "",
-             f"Machine: {describe_machine()}. Load average (1 min) {load_before[0]:.1f} before and {load_after[0]:.1f} "
-             f"after the run (the run itself keeps about {args.threads} cores busy)"
+             f"Generated by `{doc['command']}` on {doc['finished_utc']} UTC ({doc['seconds']:.0f} s).", "",
+             f"Machine: {describe_machine(facts)}. Load average (1 min) {load_before:.1f} before and {load_after:.1f} "
+             f"after the run (the run itself keeps about {args['threads']} cores busy)"
              + (": the CPUs were shared with other jobs when it started, so absolute times are inflated and noisy."
-                if load_before[0] > 0.5 else "."), "",
+                if load_before > 0.5 else "."), "", f"Code: {describe_commit(git)}. {raw}", "",
              "## Recording overhead (fraction of a plain training step)", "",
-             f"Adam, blocks of about {args.block_seconds} s of steps, {args.rounds} rounds, configurations shuffled "
+             f"Adam, blocks of about {args['block_seconds']} s of steps (at least {doc['min_block']}), "
+             f"{args['rounds']} rounds, configurations shuffled "
              "within a round and each compared with the plain block of its round. *CPU* is process CPU time "
              "(all threads, the DiskStore writer included; it does not count time spent waiting for a core, so "
              "it is the robust figure on a shared machine); *wall* is elapsed time. Median over rounds, range "
-             f"in brackets. Target: <= {100 * OVERHEAD_TARGET:.0f}% of a CPU step, "
-             + ", ".join(f"<= {100 * v:.0f}% for {k}" for k, v in OVERHEAD_TARGETS.items())
+             f"in brackets. Target: <= {100 * targets['overhead']:.0f}% of a CPU step, "
+             + ", ".join(f"<= {100 * v:.0f}% for {k}" for k, v in targets["overhead_by_model"].items())
              + " (judged on the CPU-time median; issue 15 states them for DiskStore with fp16 values).", "",
              "| model | params | batch | steps/block | plain step CPU / wall | configuration | overhead CPU | overhead wall | target |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for (name, batch), o in overhead.items():
+    for o in doc["overhead"]:
         pc, pw = statistics.median(o["cpu"]["plain"]), statistics.median(o["wall"]["plain"])
-        for cfg in OVERHEAD_CONFIGS:
+        for cfg in doc["overhead_configurations"]:
             rc, rw = o["ratios"]["cpu"][cfg], o["ratios"]["wall"][cfg]
-            med = statistics.median(rc)
-            lines.append(f"| {name} | {o['params']:,} | {batch} | {o['block']} | {1000 * pc:.1f} / {1000 * pw:.1f} ms | "
-                         f"{cfg} | {_pct(med)} [{_pct(min(rc))} … {_pct(max(rc))}] | "
+            lines.append(f"| {o['model']} | {o['params']:,} | {o['batch']} | {o['block']} | {1000 * pc:.1f} / "
+                         f"{1000 * pw:.1f} ms | {cfg} | {_pct(o['verdicts'][cfg]['median_cpu'])} "
+                         f"[{_pct(min(rc))} … {_pct(max(rc))}] | "
                          f"{_pct(statistics.median(rw))} [{_pct(min(rw))} … {_pct(max(rw))}] | "
-                         f"{'met' if med <= OVERHEAD_TARGETS.get(name, OVERHEAD_TARGET) else 'MISSED'} |")
-    names = list(storage)
+                         f"{'met' if o['verdicts'][cfg]['met'] else 'MISSED'} |")
     lines += ["", "## Storage per recorded step", "",
               f"Bytes per step in the store format (what `nbytes()` counts, without the file header), "
-              f"averaged over {args.storage_steps} steps; dense = the fp32 update of every trainable parameter "
+              f"averaged over {args['storage_steps']} steps; dense = the fp32 update of every trainable parameter "
               f"(`dense_equivalent_nbytes()` per step). Target: partial r=10% fp16 <= "
-              f"{BYTES_TARGET:.2f} × dense.", "",
+              f"{targets['bytes']:.2f} × dense.", "",
               "| model | recording | value dtype | bytes / step | × dense | index | bitmask | full |",
               "|---|---|---|---|---|---|---|---|"]
-    for name in names:
-        for row in storage[name]["rows"]:
+    for st in doc["storage"]:
+        for row in st["rows"]:
             kr = "dense" if row["keep_ratio"] is None else f"partial r={100 * row['keep_ratio']:g}%"
             bk = row["by_kind"]
-            mark = ""
-            if row["keep_ratio"] == 0.1 and row["dtype"] == "float16":
-                mark = " (target met)" if row["ratio"] <= BYTES_TARGET else " (target MISSED)"
-            lines.append(f"| {name} | {kr} | {row['dtype']} | {row['bytes_per_step']:,.0f} | "
+            mark = {None: "", True: " (target met)", False: " (target MISSED)"}[row["target_met"]]
+            lines.append(f"| {st['model']} | {kr} | {row['dtype']} | {row['bytes_per_step']:,.0f} | "
                          f"{row['ratio']:.4f}{mark} | {bk['index']:,.0f} | {bk['bitmask']:,.0f} | {bk['full']:,.0f} |")
     lines += ["", "## Reading the overhead", "",
               "Recording costs a fixed number of passes over the parameters per step (snapshot θ, form or "
@@ -234,9 +229,79 @@ def main(argv=None) -> int:
               "smaller of 4 B int32 indices or a bitmask of numel/8 B (bitmasks win above about 3% kept, so "
               "r=10% and 50% use them; r=1% uses indices). The columns index/bitmask/full split the payload "
               "bytes by encoding; the rest is per-record metadata (header, step, sample ids, kinds, counts).", ""]
-    text = "\n".join(lines)
-    if args.out:
-        write_text(text, args.out)
+    return "\n".join(lines)
+
+
+def _markdown_path(ap: argparse.ArgumentParser, out):
+    """``--out`` names the page, which must end in .md: its raw JSON goes beside it under the same stem."""
+    if out is not None and not out.endswith(".md"):
+        ap.error(f"--out: {out!r} does not end in .md (the raw figures go beside it as .json)")
+    return out
+
+
+def _read_raw(ap: argparse.ArgumentParser, path: str) -> dict:
+    """A raw record written by this harness, or an argparse error (exit 2) naming --report."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        ap.error(f"--report: cannot read {path!r} as JSON ({e})")
+    if not isinstance(doc, dict) or doc.get("harness") != HARNESS:
+        ap.error(f"--report: {path!r} is not a raw record of {HARNESS}")
+    return doc
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", default="mlp:32,mlp:128,resnet18:32", help="model:batch, comma-separated")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--block-seconds", type=float, default=0.5, help="steps per block: about this long (at least MIN_BLOCK = 3)")
+    ap.add_argument("--storage-steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="the page (.md); the raw figures go beside it (.json)")
+    ap.add_argument("--report", metavar="JSON", default=None,
+                    help="measure nothing: write the page from this raw record (beside it, or to --out)")
+    args = ap.parse_args(argv)
+    out = _markdown_path(ap, args.out)
+    if args.report:
+        doc = _read_raw(ap, args.report)
+        try:
+            text = report(doc)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, statistics.StatisticsError) as e:
+            ap.error(f"--report: {args.report!r} is not a complete raw record of {HARNESS} ({e!r})")
+        write_text(text, out or os.path.splitext(args.report)[0] + ".md")
+        return 0
+    torch.set_num_threads(args.threads)
+    rng = random.Random(args.seed)
+    runs = [_run_spec(ap, r) for r in args.runs.split(",")]
+    command = (f"python {HARNESS} --runs {args.runs} --rounds {args.rounds} --block-seconds {args.block_seconds} "
+               f"--storage-steps {args.storage_steps} --threads {args.threads} --seed {args.seed}"
+               + (f" --out {out}" if out else ""))
+    doc = {"harness": HARNESS, "command": command, "json": out and os.path.splitext(out)[0] + ".json",
+           "args": {"runs": [list(r) for r in runs], "rounds": args.rounds, "block_seconds": args.block_seconds,
+                    "storage_steps": args.storage_steps, "threads": args.threads, "seed": args.seed},
+           "overhead_configurations": {c: {"keep_ratio": kr, "value_dtype": str(dt).replace("torch.", ""),
+                                           "store": kind} for c, (kr, dt, kind) in OVERHEAD_CONFIGS.items()},
+           "min_block": MIN_BLOCK,
+           "targets": {"overhead": OVERHEAD_TARGET, "overhead_by_model": OVERHEAD_TARGETS, "bytes": BYTES_TARGET},
+           "machine": machine_facts(), "git": git_commit(os.path.dirname(os.path.abspath(__file__))),
+           "overhead": [], "storage": []}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        for name, batch in runs:
+            doc["overhead"].append(measure_overhead(name, batch, args.rounds, args.block_seconds, workdir, rng))
+            if all(st["model"] != name for st in doc["storage"]):
+                doc["storage"].append(measure_storage(name, batch, args.storage_steps))
+            print(f"{name}:{batch} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    doc.update(seconds=time.perf_counter() - t0, loadavg_end=load_averages(),
+               finished_utc=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}")
+    raw = json.dumps(doc, indent=1)
+    if out:  # the raw figures first: the page is rendered from what was written
+        write_text(raw, doc["json"])
+    text = report(json.loads(raw))
+    if out:
+        write_text(text, out)
     print(text)
     return 0
 

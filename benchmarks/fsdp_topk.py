@@ -2,6 +2,7 @@
 unlearning.
 
     python benchmarks/fsdp_topk.py --seeds 0,1,2 --out benchmarks/results/fsdp_topk.md
+    python benchmarks/fsdp_topk.py --report benchmarks/results/fsdp_topk.json   # the page only, from the JSON
 
 Under FSDP2 each rank records the update of its block of every parameter, so ``keep_ratio=r`` keeps the top
 ⌈r·nˢ⌉ of each block of nˢ entries instead of the top ⌈r·n⌉ of the whole layer. This script trains the
@@ -12,11 +13,17 @@ they are each step's whole update, whose layer-wise top-k is what an unsharded r
 sets of a few random training samples (nested draws), the steps holding one are removed from the final
 model with either recording (per-shard: every rank's store applied to the unsharded model) and test
 accuracy (TA) and forget-set accuracy (FA) are compared, over training seeds × forget draws.
+
+With ``--out X.md`` the raw rows (every seed, draw, forget set and r; the hyper-parameters used, per-seed
+seconds, machine, load averages, versions and the git commit) are written to ``X.json`` first, and the page is
+rendered from that JSON alone; ``--report X.json`` renders it again without training.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import statistics
 import sys
 import tempfile
@@ -29,12 +36,17 @@ import torch.nn.functional as F
 
 from unlearn_ext import ops
 from unlearn_ext.data import load_dataset
+from unlearn_ext.machine import describe_commit, describe_machine, git_commit, load_averages, machine_facts
 from unlearn_ext.models import make_model
 from unlearn_ext.record import DiskStore, Manifest, MemoryStore, UpdateRecorder
 from unlearn_ext.results import write_text
 
 RATIOS = (0.01, 0.05, 0.1, 0.2)
 BATCH = 64
+LR = 1e-3
+WORKER_THREADS = 1
+#: What a raw file names as its maker: ``--report`` refuses any other.
+HARNESS = "benchmarks/fsdp_topk.py"
 
 
 def _data():
@@ -52,7 +64,7 @@ def _batches(n: int, epochs: int, seed: int):
 
 
 def _worker(rank: int, tmp: str, seed: int, epochs: int) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(WORKER_THREADS)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
     try:
         from torch.distributed.device_mesh import init_device_mesh
@@ -65,7 +77,7 @@ def _worker(rank: int, tmp: str, seed: int, epochs: int) -> None:
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        opt = torch.optim.Adam(model.parameters(), lr=LR)
         recs = [UpdateRecorder(model, store=DiskStore(f"{tmp}/dense-{rank}.ulx"), optimizer=opt)]
         recs += [UpdateRecorder(model, keep_ratio=r, store=DiskStore(f"{tmp}/r{r}-{rank}.ulx"), optimizer=opt)
                  for r in RATIOS]
@@ -146,7 +158,8 @@ def run_seed(seed: int, epochs: int, sizes, draws: int, tmp: str):
             for r in RATIOS:
                 a, b = _removed(final, per_shard[r], steps), _removed(final, [whole[r]], steps)
                 ta, tb = (torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in (a, b))
-                rows.append({"seed": seed, "draw": draw, "n": n, "r": r, "undone": len(steps) / len(dense[0]),
+                rows.append({"seed": seed, "draw": draw, "n": n, "r": r, "forget_ids": forget.tolist(),
+                             "steps_undone": len(steps), "steps": len(dense[0]), "undone": len(steps) / len(dense[0]),
                              "TA0": ta0, "TA_dense": _accuracy(naive, data.test), "TA_shard": _accuracy(a, data.test),
                              "TA_whole": _accuracy(b, data.test), "FA_shard": _accuracy(a, fset),
                              "FA_whole": _accuracy(b, fset),
@@ -162,40 +175,33 @@ def _ms(xs, fmt="{:.3f}") -> str:
     return f"{fmt.format(statistics.mean(xs))} ± {fmt.replace('+', '').format(statistics.stdev(xs))}"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--sizes", default="2,8,32", help="forget-set sizes, comma-separated")
-    ap.add_argument("--draws", type=int, default=3, help="forget-set draws per training seed")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    sizes = [int(s) for s in args.sizes.split(",")]
-    t0 = time.perf_counter()
-    rows, data = [], _data()
-    for seed in seeds:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows += run_seed(seed, args.epochs, sizes, args.draws, tmp)
-        print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+def report(doc: dict) -> str:
+    """The page, from a raw record alone (what ``--report`` reads back)."""
+    args, hp, rows = doc["args"], doc["hyper_parameters"], doc["rows"]
+    ratios, sizes = hp["keep_ratios"], args["sizes"]
+    facts, git = doc["machine"], doc["git"]
+    raw = (f"Raw rows: `{doc['json']}`; `python {HARNESS} --report {doc['json']}` rewrites this page from them."
+           if doc["json"] else "Raw rows not saved (run without --out).")
     lines = ["# Per-shard (FSDP2) against whole-layer top-k in partial amnesiac unlearning", "",
-             f"Generated by `python benchmarks/fsdp_topk.py --seeds {args.seeds} --epochs {args.epochs} --sizes "
-             f"{args.sizes} --draws {args.draws}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
-             f"({time.perf_counter() - t0:.0f} s; torch {torch.__version__}).", "",
-             f"Registry MLP (1×8×8 → 512 → 512 → 10, ReLU) on scikit-learn's digits ({len(data.train):,} training / "
-             f"{len(data.test)} test images, standardised), Adam 1e-3, batch {BATCH} split over 2 FSDP2 ranks (gloo, "
-             f"CPU), {args.epochs} "
+             f"Generated by `{doc['command']}` on {doc['finished_utc']} UTC ({doc['seconds']:.0f} s; "
+             f"torch {facts['torch']}).", "",
+             f"Machine: {describe_machine(facts)}; ranks at {hp['worker_threads']} thread each. Load average "
+             f"(1, 5, 15 min) {facts.get('loadavg', 'unknown')} at the start, {doc['loadavg_end'] or 'unknown'} at "
+             f"the end. Code: {describe_commit(git)}. {raw}", "",
+             f"Registry MLP (1×8×8 → 512 → 512 → 10, ReLU) on scikit-learn's digits ({doc['data']['train']:,} "
+             f"training / {doc['data']['test']} test images, standardised), Adam {hp['lr']:g}, batch {hp['batch']} "
+             f"split over {hp['ranks']} FSDP2 ranks ({hp['backend']}, CPU), {args['epochs']} "
              "epochs. Every parameter is sharded on dim 0 in two blocks. *per-shard*: each rank's partial store "
              "(top ⌈r·nˢ⌉ of each block) applied to the unsharded final model; *whole-layer*: the top ⌈r·n⌉ of "
              "each whole-layer update of the same run. Mean ± std over "
-             f"{len(seeds)} training seeds × {args.draws} forget draws; TA of the trained model "
-             f"{_ms([r['TA0'] for r in rows if r['r'] == RATIOS[0] and r['n'] == sizes[0]])}.", "",
+             f"{len(args['seeds'])} training seeds × {args['draws']} forget draws; TA of the trained model "
+             f"{_ms([r['TA0'] for r in rows if r['r'] == ratios[0] and r['n'] == sizes[0]])}.", "",
              "| forget n | steps undone | r | TA naive (dense) | TA per-shard | TA whole-layer | ΔTA per-shard − "
              "whole | FA per-shard | FA whole-layer | entries per-shard / whole | ‖removed per-shard − whole‖ / "
              "‖removed whole‖ |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in sizes:
-        for r in RATIOS:
+        for r in ratios:
             sel = [x for x in rows if x["n"] == n and x["r"] == r]
             lines.append(f"| {n} | {_ms([x['undone'] for x in sel], '{:.1%}')} | {r:g} | "
                          f"{_ms([x['TA_dense'] for x in sel])} | {_ms([x['TA_shard'] for x in sel])} | "
@@ -206,12 +212,81 @@ def main(argv=None) -> int:
                          f"{_ms([x['rel'] for x in sel])} |")
     diffs = [abs(x["TA_shard"] - x["TA_whole"]) for x in rows]
     lines += ["", f"Largest |ΔTA| over all {len(rows)} (seed, draw, n, r) rows: {max(diffs):.4f} "
-                  f"({round(max(diffs) * len(data.test))} test images); "
+                  f"({round(max(diffs) * doc['data']['test'])} test images); "
                   f"{sum(d == 0 for d in diffs)} rows have the same TA both ways."]
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_path(ap: argparse.ArgumentParser, out):
+    """``--out`` names the page, which must end in .md: its raw JSON goes beside it under the same stem."""
+    if out is not None and not out.endswith(".md"):
+        ap.error(f"--out: {out!r} does not end in .md (the raw rows go beside it as .json)")
+    return out
+
+
+def _read_raw(ap: argparse.ArgumentParser, path: str) -> dict:
+    """A raw record written by this harness, or an argparse error (exit 2) naming --report."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        ap.error(f"--report: cannot read {path!r} as JSON ({e})")
+    if not isinstance(doc, dict) or doc.get("harness") != HARNESS:
+        ap.error(f"--report: {path!r} is not a raw record of {HARNESS}")
+    return doc
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--sizes", default="2,8,32", help="forget-set sizes, comma-separated")
+    ap.add_argument("--draws", type=int, default=3, help="forget-set draws per training seed")
+    ap.add_argument("--out", default=None, help="the page (.md); the raw rows go beside it (.json)")
+    ap.add_argument("--report", metavar="JSON", default=None,
+                    help="train nothing: write the page from this raw record (beside it, or to --out)")
+    args = ap.parse_args(argv)
+    out = _markdown_path(ap, args.out)
+    if args.report:
+        doc = _read_raw(ap, args.report)
+        try:
+            text = report(doc)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, statistics.StatisticsError) as e:
+            ap.error(f"--report: {args.report!r} is not a complete raw record of {HARNESS} ({e!r})")
+        write_text(text, out or os.path.splitext(args.report)[0] + ".md")
+        return 0
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",")]
+    command = (f"python {HARNESS} --seeds {args.seeds} --epochs {args.epochs} --sizes {args.sizes} "
+               f"--draws {args.draws}" + (f" --out {out}" if out else ""))
+    data = _data()
+    doc = {"harness": HARNESS, "command": command, "json": out and os.path.splitext(out)[0] + ".json",
+           "args": {"seeds": seeds, "epochs": args.epochs, "sizes": sizes, "draws": args.draws},
+           "hyper_parameters": {"model": "mlp", "dataset": "digits", "normalize": True, "optimizer": "Adam",
+                                "lr": LR, "batch": BATCH, "ranks": 2, "backend": "gloo",
+                                "worker_threads": WORKER_THREADS, "keep_ratios": list(RATIOS),
+                                "forget_draw_seed": "1000 * seed + draw"},
+           "data": {"train": len(data.train), "test": len(data.test)},
+           "machine": machine_facts(), "git": git_commit(os.path.dirname(os.path.abspath(__file__))),
+           "seeds": [], "rows": []}
+    t0 = time.perf_counter()
+    for seed in seeds:
+        t_seed = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = run_seed(seed, args.epochs, sizes, args.draws, tmp)
+        doc["rows"] += rows
+        doc["seeds"].append({"seed": seed, "seconds": time.perf_counter() - t_seed, "steps": rows[0]["steps"],
+                             "TA0": rows[0]["TA0"]})
+        print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    doc.update(seconds=time.perf_counter() - t0, loadavg_end=load_averages(),
+               finished_utc=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}")
+    raw = json.dumps(doc, indent=1)
+    if out:  # the raw rows first: the page is rendered from what was written
+        write_text(raw, doc["json"])
+    text = report(json.loads(raw))
     print(text)
-    if args.out:
-        write_text(text, args.out)
+    if out:
+        write_text(text, out)
     return 0
 
 
