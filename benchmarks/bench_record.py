@@ -27,8 +27,6 @@ without measuring.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import random
 import statistics
@@ -40,10 +38,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from unlearn_ext import raw_record
 from unlearn_ext.machine import describe_commit, describe_machine, git_commit, load_averages, machine_facts
 from unlearn_ext.models import make_model, recommended_lr
 from unlearn_ext.record import DiskStore, MemoryStore, UpdateRecorder
-from unlearn_ext.results import write_text
 
 MODELS = {"mlp": (1, 28, 28), "lenet": (1, 28, 28), "resnet18": (3, 32, 32)}  # model: input shape
 OVERHEAD_CONFIGS = {  # name: (keep_ratio, value dtype, store kind)
@@ -232,25 +230,6 @@ def report(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def _markdown_path(ap: argparse.ArgumentParser, out):
-    """``--out`` names the page, which must end in .md: its raw JSON goes beside it under the same stem."""
-    if out is not None and not out.endswith(".md"):
-        ap.error(f"--out: {out!r} does not end in .md (the raw figures go beside it as .json)")
-    return out
-
-
-def _read_raw(ap: argparse.ArgumentParser, path: str) -> dict:
-    """A raw record written by this harness, or an argparse error (exit 2) naming --report."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, ValueError) as e:
-        ap.error(f"--report: cannot read {path!r} as JSON ({e})")
-    if not isinstance(doc, dict) or doc.get("harness") != HARNESS:
-        ap.error(f"--report: {path!r} is not a raw record of {HARNESS}")
-    return doc
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default="mlp:32,mlp:128,resnet18:32", help="model:batch, comma-separated")
@@ -263,14 +242,9 @@ def main(argv=None) -> int:
     ap.add_argument("--report", metavar="JSON", default=None,
                     help="measure nothing: write the page from this raw record (beside it, or to --out)")
     args = ap.parse_args(argv)
-    out = _markdown_path(ap, args.out)
+    out = raw_record.page_path(ap, args.out)
     if args.report:
-        doc = _read_raw(ap, args.report)
-        try:
-            text = report(doc)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, statistics.StatisticsError) as e:
-            ap.error(f"--report: {args.report!r} is not a complete raw record of {HARNESS} ({e!r})")
-        write_text(text, out or os.path.splitext(args.report)[0] + ".md")
+        raw_record.report(ap, args.report, HARNESS, report, out)
         return 0
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
@@ -278,7 +252,7 @@ def main(argv=None) -> int:
     command = (f"python {HARNESS} --runs {args.runs} --rounds {args.rounds} --block-seconds {args.block_seconds} "
                f"--storage-steps {args.storage_steps} --threads {args.threads} --seed {args.seed}"
                + (f" --out {out}" if out else ""))
-    doc = {"harness": HARNESS, "command": command, "json": out and os.path.splitext(out)[0] + ".json",
+    doc = {"harness": HARNESS, "command": command, "json": out and raw_record.json_beside(out),
            "args": {"runs": [list(r) for r in runs], "rounds": args.rounds, "block_seconds": args.block_seconds,
                     "storage_steps": args.storage_steps, "threads": args.threads, "seed": args.seed},
            "overhead_configurations": {c: {"keep_ratio": kr, "value_dtype": str(dt).replace("torch.", ""),
@@ -295,14 +269,8 @@ def main(argv=None) -> int:
                 doc["storage"].append(measure_storage(name, batch, args.storage_steps))
             print(f"{name}:{batch} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     doc.update(seconds=time.perf_counter() - t0, loadavg_end=load_averages(),
-               finished_utc=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}")
-    raw = json.dumps(doc, indent=1)
-    if out:  # the raw figures first: the page is rendered from what was written
-        write_text(raw, doc["json"])
-    text = report(json.loads(raw))
-    if out:
-        write_text(text, out)
-    print(text)
+               finished_utc=raw_record.utc_minute())
+    print(raw_record.write_then_page(doc, out, report))
     return 0
 
 

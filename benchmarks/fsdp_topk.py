@@ -21,8 +21,6 @@ rendered from that JSON alone; ``--report X.json`` renders it again without trai
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -34,12 +32,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from unlearn_ext import ops
+from unlearn_ext import ops, raw_record
 from unlearn_ext.data import load_dataset
 from unlearn_ext.machine import describe_commit, describe_machine, git_commit, load_averages, machine_facts
 from unlearn_ext.models import make_model
 from unlearn_ext.record import DiskStore, Manifest, MemoryStore, UpdateRecorder
-from unlearn_ext.results import write_text
 
 RATIOS = (0.01, 0.05, 0.1, 0.2)
 BATCH = 64
@@ -217,25 +214,6 @@ def report(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _markdown_path(ap: argparse.ArgumentParser, out):
-    """``--out`` names the page, which must end in .md: its raw JSON goes beside it under the same stem."""
-    if out is not None and not out.endswith(".md"):
-        ap.error(f"--out: {out!r} does not end in .md (the raw rows go beside it as .json)")
-    return out
-
-
-def _read_raw(ap: argparse.ArgumentParser, path: str) -> dict:
-    """A raw record written by this harness, or an argparse error (exit 2) naming --report."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, ValueError) as e:
-        ap.error(f"--report: cannot read {path!r} as JSON ({e})")
-    if not isinstance(doc, dict) or doc.get("harness") != HARNESS:
-        ap.error(f"--report: {path!r} is not a raw record of {HARNESS}")
-    return doc
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
@@ -246,21 +224,16 @@ def main(argv=None) -> int:
     ap.add_argument("--report", metavar="JSON", default=None,
                     help="train nothing: write the page from this raw record (beside it, or to --out)")
     args = ap.parse_args(argv)
-    out = _markdown_path(ap, args.out)
+    out = raw_record.page_path(ap, args.out)
     if args.report:
-        doc = _read_raw(ap, args.report)
-        try:
-            text = report(doc)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, statistics.StatisticsError) as e:
-            ap.error(f"--report: {args.report!r} is not a complete raw record of {HARNESS} ({e!r})")
-        write_text(text, out or os.path.splitext(args.report)[0] + ".md")
+        raw_record.report(ap, args.report, HARNESS, report, out)
         return 0
     seeds = [int(s) for s in args.seeds.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")]
     command = (f"python {HARNESS} --seeds {args.seeds} --epochs {args.epochs} --sizes {args.sizes} "
                f"--draws {args.draws}" + (f" --out {out}" if out else ""))
     data = _data()
-    doc = {"harness": HARNESS, "command": command, "json": out and os.path.splitext(out)[0] + ".json",
+    doc = {"harness": HARNESS, "command": command, "json": out and raw_record.json_beside(out),
            "args": {"seeds": seeds, "epochs": args.epochs, "sizes": sizes, "draws": args.draws},
            "hyper_parameters": {"model": "mlp", "dataset": "digits", "normalize": True, "optimizer": "Adam",
                                 "lr": LR, "batch": BATCH, "ranks": 2, "backend": "gloo",
@@ -279,14 +252,8 @@ def main(argv=None) -> int:
                              "TA0": rows[0]["TA0"]})
         print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     doc.update(seconds=time.perf_counter() - t0, loadavg_end=load_averages(),
-               finished_utc=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}")
-    raw = json.dumps(doc, indent=1)
-    if out:  # the raw rows first: the page is rendered from what was written
-        write_text(raw, doc["json"])
-    text = report(json.loads(raw))
-    print(text)
-    if out:
-        write_text(text, out)
+               finished_utc=raw_record.utc_minute())
+    print(raw_record.write_then_page(doc, out, report))
     return 0
 
 

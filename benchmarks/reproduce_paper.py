@@ -36,7 +36,7 @@ import os
 import statistics
 import sys
 
-from unlearn_ext import available_methods, results
+from unlearn_ext import available_methods, raw_record, results
 from unlearn_ext.experiment import ExperimentConfig, demo_config, run_experiment
 from unlearn_ext.machine import describe_commit, describe_machine, git_commit
 from unlearn_ext.protocol import LR_GRID, STEP_BUDGET, mia_reliable
@@ -44,6 +44,7 @@ from unlearn_ext.record.identity import VALUE_DTYPE_BY_NAME
 
 METRICS = [("RA", "RA"), ("FA", "FA"), ("TA", "TA"), ("MIA", "MIA"), ("LR-MIA", "LR_MIA"), ("Avg.Gap", "avg_gap"),
            ("seconds (all tries)", "seconds"), ("RTE (all tries)", "rte")]
+HARNESS = "benchmarks/reproduce_paper.py"
 #: Data sets and models of each setting when --datasets/--models are not given.
 SETTING_PAIRS = {"paper": ("digits,fashion_mnist", "mlp,lenet,resnet9"), "demo": ("auto", "lenet")}
 
@@ -194,45 +195,30 @@ def _arguments(argv):
                    help="DiskStores here instead of memory (large models); removed after each seed")
     p.add_argument("--value-dtype", default=None, choices=list(VALUE_DTYPE_BY_NAME), help="of the recorded updates")
     p.add_argument("--root", default=None)
-    p.add_argument("--out", default="benchmarks/results/paper_tables.md", help="the markdown; the JSON beside it")
+    p.add_argument("--out", default=None, help="the page (.md; default benchmarks/results/paper_tables.md, or "
+                   "beside the --report JSON); the raw record goes beside it (.json)")
     p.add_argument("--resume", action="store_true",
                    help="keep the (data set, model, seed) runs already in the JSON and run only the others")
-    p.add_argument("--report", metavar="JSON", help="measure nothing: write --out from this JSON")
+    p.add_argument("--report", metavar="JSON", help="measure nothing: write the page from this raw record")
     return p, p.parse_args(argv)
-
-
-def _json_path(out: str) -> str:
-    return os.path.splitext(out)[0] + ".json"
-
-
-def _write(raw: dict, out: str) -> str:
-    results.write_text(json.dumps(raw, indent=1), _json_path(out))
-    text = report(raw)
-    results.write_text(text, out)
-    return text
 
 
 def main(argv=None) -> int:
     parser, args = _arguments(argv)
+    page = raw_record.page_path(parser, args.out)
     if args.report:
-        try:
-            with open(args.report) as f:
-                raw = json.load(f)
-            text = report(raw)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            parser.error(f"--report: {args.report} is not a reproduce_paper JSON ({type(e).__name__}: {e})")
-        results.write_text(text, args.out)
-        print(text)
+        print(raw_record.report(parser, args.report, HARNESS, report, page))
         return 0
+    page = page or "benchmarks/results/paper_tables.md"
     base = demo_config() if args.setting == "demo" else ExperimentConfig()
     datasets, models = SETTING_PAIRS[args.setting]
     seeds = [int(s) for s in (args.seeds.split(","))]
     previous = {}
-    if args.resume and os.path.exists(_json_path(args.out)):
-        with open(_json_path(args.out)) as f:
+    if args.resume and os.path.exists(raw_record.json_beside(page)):
+        with open(raw_record.json_beside(page)) as f:
             previous = {(p["dataset"], p["model"]): p for p in json.load(f)["pairs"]}
     command = "python benchmarks/reproduce_paper.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    raw = {"command": command, "json_name": os.path.basename(_json_path(args.out)),
+    raw = {"harness": HARNESS, "command": command, "json_name": os.path.basename(raw_record.json_beside(page)),
            "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": describe_machine(), "commit": git_commit(), "load_start": os.getloadavg()[0],
            "load_end": None, "args": vars(args), "pairs": []}
@@ -246,11 +232,12 @@ def main(argv=None) -> int:
                     cfg = _seed_config(args, base, ds, model, seed)
                     pair["runs"].append(kept.get(seed) or run_experiment(cfg, progress=False))
                     print(f"done {ds}/{model}/seed {seed}", file=sys.stderr, flush=True)
-                    _write(raw, args.out)  # after each seed: an interrupted run keeps what it measured
+                    # after each seed: an interrupted run keeps what it measured
+                    raw_record.write_then_page(raw, page, report)
             except (FileNotFoundError, ValueError) as e:
                 pair.update(runs=[], skipped=f"{type(e).__name__}: {e}")
     raw["load_end"] = os.getloadavg()[0]
-    print(_write(raw, args.out))
+    print(raw_record.write_then_page(raw, page, report))
     return 0
 
 

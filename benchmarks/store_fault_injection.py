@@ -10,11 +10,18 @@ the package from this source tree):
 The trials and their promises are python_tests/fault_injection.py (the test suite,
 python_tests/test_store_faults.py, runs a few dozen of them); this front end runs many and writes the
 report.
+
+With ``--out X.md`` every trial's outcome as measured (and each broken promise), the arguments, the golden
+files, machine facts (threads, load averages before and after), versions and the git commit go to ``X.json``
+first, and the page is rendered from that JSON alone; ``--report X.json`` renders it again without running a
+trial (to ``--out``, else beside the JSON):
+
+    python -m benchmarks.store_fault_injection --report benchmarks/results/store_faults.json
 """
 from __future__ import annotations
 
 import argparse
-import datetime
+import os
 import random
 import sys
 import tempfile
@@ -23,24 +30,32 @@ from typing import Dict, List
 
 from python_tests.fault_injection import (CONFIGS, N_STEPS, corruption_trial, disk_full_trial, kill_trial, make_golden,
                                           make_model, tmpfs_available, warm_up)
-from unlearn_ext.machine import describe_machine
-from unlearn_ext.results import write_text
+from unlearn_ext import raw_record
+from unlearn_ext.machine import describe_commit, describe_machine, git_commit, load_averages, machine_facts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kills", type=int, default=240)
-    ap.add_argument("--corruptions", type=int, default=200)
-    ap.add_argument("--disk-full", type=int, default=24)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    rng = random.Random(args.seed)
-    t0 = time.perf_counter()
-    failures: List[str] = []
+#: What a raw file names as its maker: ``--report`` refuses any other.
+HARNESS = "benchmarks/store_fault_injection.py"
+COMMAND = "python -m benchmarks.store_fault_injection"
+KILL_PHASES = ("before manifest", "between records", "mid-record", "closing", "after the run")
+
+
+def run_trials(args, rng: random.Random) -> dict:
+    """Every trial's outcome as the trial returned it (its index added), the broken promises, and the
+    golden files the trials were checked against."""
+    failures: List[Dict] = []
     kills: List[Dict] = []
     corruptions: List[Dict] = []
     fulls: List[Dict] = []
+
+    def attempt(trial, into, group, index, what, **where):
+        try:
+            into.append(dict(trial(), trial=index))
+        except AssertionError as e:
+            failures.append(dict(group=group, trial=index, what=what, error=str(e), **where))
+
     with tempfile.TemporaryDirectory() as workdir:
         warm_up(workdir)
         goldens = {c: make_golden(workdir, c) for c in CONFIGS}
@@ -48,38 +63,42 @@ def main(argv=None) -> int:
         for i in range(args.kills):
             g = goldens[names[i % len(names)]]
             mode = "byte" if i % 2 else "time"
-            try:
-                kills.append(kill_trial(workdir, g, rng, mode))
-            except AssertionError as e:
-                failures.append(f"kill trial {i} ({mode}, {g.config}): {e}")
+            attempt(lambda: kill_trial(workdir, g, rng, mode), kills, "kill", i, f"kill trial {i} ({mode}, {g.config})",
+                    mode=mode, config=g.config)
         for i in range(args.corruptions):
             g = goldens[names[i % len(names)]]
-            try:
-                corruptions.append(corruption_trial(workdir, g, rng))
-            except AssertionError as e:
-                failures.append(f"corruption trial {i} ({g.config}): {e}")
+            attempt(lambda: corruption_trial(workdir, g, rng), corruptions, "corruption", i,
+                    f"corruption trial {i} ({g.config})", config=g.config)
         hows = ["rlimit"] + (["tmpfs"] if tmpfs_available(workdir) else [])
         for i in range(args.disk_full):
             g = goldens[names[i % len(names)]]
             how = hows[i % len(hows)]
-            try:
-                fulls.append(disk_full_trial(workdir, g, rng, how))
-            except AssertionError as e:
-                failures.append(f"disk-full trial {i} ({how}, {g.config}): {e}")
-        golden_sizes = {c: (len(g.data), N_STEPS) for c, g in goldens.items()}
-    seconds = time.perf_counter() - t0
+            attempt(lambda: disk_full_trial(workdir, g, rng, how), fulls, "disk full", i,
+                    f"disk-full trial {i} ({how}, {g.config})", how=how, config=g.config)
+        golden = {c: {"bytes": len(g.data), "steps": N_STEPS, "seconds": g.seconds} for c, g in goldens.items()}
+    return {"goldens": golden, "disk_full_ways": hows, "kills": kills, "corruptions": corruptions,
+            "disk_full": fulls, "failures": failures}
 
+
+def report(raw: dict) -> str:
+    """The page, from a raw record alone (what ``--report`` reads back)."""
+    kills, corruptions, fulls, failures = raw["kills"], raw["corruptions"], raw["disk_full"], raw["failures"]
+    facts = raw["machine"]
     lines = ["# DiskStore fault injection", "",
-             f"Generated by `python -m benchmarks.store_fault_injection --kills {args.kills} --corruptions "
-             f"{args.corruptions} --disk-full {args.disk_full} --seed {args.seed}` on "
-             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC in {seconds:.0f} s.", "",
-             f"Machine: {describe_machine()}.", "",
-             f"Each trial records {N_STEPS} SGD steps of an MLP (48-192-192-10, {sum(p.numel() for p in make_model().parameters())} "
+             f"Generated by `{raw['command']}` on {raw['finished_utc']} UTC in {raw['seconds']:.0f} s "
+             f"({describe_commit(raw['git'])}). "
+             + (f"Raw trials: `{raw['json']}`; `{COMMAND} --report {raw['json']}` rewrites this page from them."
+                if raw["json"] else "Raw trials not saved (run without --out)."), "",
+             f"Machine: {describe_machine(facts)}. Load average (1, 5, 15 min) {facts.get('loadavg', 'unknown')} "
+             f"before and {raw['loadavg_end'] or 'unknown'} after the run (seconds are wall time on a shared "
+             "machine).", "",
+             f"Each trial records {raw['steps']} SGD steps of an MLP (48-192-192-10, {raw['model_parameters']} "
              "parameters) into a DiskStore in a forked child. Golden file sizes: "
-             + ", ".join(f"{c} {b} B" for c, (b, _) in golden_sizes.items()) + ".", "",
-             f"**Failures (a broken promise): {len(failures)}** of {len(kills) + len(corruptions) + len(fulls) + len(failures)} trials.", ""]
+             + ", ".join(f"{c} {g['bytes']} B" for c, g in raw["goldens"].items()) + ".", "",
+             f"**Failures (a broken promise): {len(failures)}** of "
+             f"{len(kills) + len(corruptions) + len(fulls) + len(failures)} trials.", ""]
     for f in failures[:20]:
-        lines.append(f"- FAIL {f}")
+        lines.append(f"- FAIL {f['what']}: {f['error']}")
     lines += ["", "## Kills", "",
               "| kill | trials | before manifest | between records | mid-record (torn tail dropped) | while closing "
               "(no trailer) | run finished first | records kept | records lost (mean / max) |",
@@ -88,8 +107,7 @@ def main(argv=None) -> int:
         rows = [k for k in kills if k["mode"] == mode]
         if not rows:
             continue
-        ph = {p: sum(1 for k in rows if k["phase"] == p) for p in
-              ("before manifest", "between records", "mid-record", "closing", "after the run")}
+        ph = {p: sum(1 for k in rows if k["phase"] == p) for p in KILL_PHASES}
         lost = [k["lost"] for k in rows if k["killed"]]
         lines.append(f"| {mode} | {len(rows)} | {ph['before manifest']} | {ph['between records']} | {ph['mid-record']} "
                      f"| {ph['closing']} | {ph['after the run']} | {sum(k['kept'] for k in rows)} | "
@@ -133,11 +151,40 @@ def main(argv=None) -> int:
               "was left, and the reopened store held every record before the failed one, intact and "
               "undamaged, and said the file was not closed cleanly.",
               "", f"Example message: `{example}`", ""]
-    text = "\n".join(lines)
-    if args.out:
-        write_text(text, args.out)
-    print(text)
-    return 1 if failures else 0
+    return "\n".join(lines)
+
+
+def _arguments(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kills", type=int, default=240)
+    ap.add_argument("--corruptions", type=int, default=200)
+    ap.add_argument("--disk-full", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="the page (.md); the raw trials go beside it (.json)")
+    ap.add_argument("--report", metavar="JSON", default=None,
+                    help="run no trial: write the page from this raw record (to --out, else beside it)")
+    return ap, ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    ap, args = _arguments(argv)
+    out = raw_record.page_path(ap, args.out)
+    if args.report:
+        print(raw_record.report(ap, args.report, HARNESS, report, out))
+        return 0
+    command = (f"{COMMAND} --kills {args.kills} --corruptions {args.corruptions} --disk-full {args.disk_full} "
+               f"--seed {args.seed}" + (f" --out {out}" if out else ""))
+    raw = {"harness": HARNESS, "command": command, "json": out and raw_record.json_beside(out),
+           "args": {"kills": args.kills, "corruptions": args.corruptions, "disk_full": args.disk_full,
+                    "seed": args.seed},
+           "started_utc": raw_record.utc_minute(), "machine": machine_facts(), "git": git_commit(ROOT),
+           "steps": N_STEPS, "model_parameters": sum(p.numel() for p in make_model().parameters())}
+    t0 = time.perf_counter()
+    raw.update(run_trials(args, random.Random(args.seed)))
+    raw.update(seconds=time.perf_counter() - t0, loadavg_end=load_averages(), finished_utc=raw_record.utc_minute())
+    print(raw_record.write_then_page(raw, out, report))
+    return 1 if raw["failures"] else 0
+
 
 
 if __name__ == "__main__":

@@ -16,11 +16,15 @@ Medians of `--reps` timed rounds after a warm-up, ours and the baseline run inte
 rounds (so load from other processes hits both alike), speed-up = baseline median / ours median. On
 CUDA also the achieved GB/s of ours against a minimal count of bytes moved (each input read once, each
 output written once).
+
+With --markdown X.md every row (each timed round too), the options used, machine facts (threads, load
+averages before and after), versions and the git commit go to X.json first, and the page is rendered from
+that JSON alone; --report X.json renders it again without measuring.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
+import os
 import re
 import statistics
 import sys
@@ -28,14 +32,16 @@ import time
 
 import torch
 
-from . import build_info, ops
-from .machine import describe_machine, load_averages, machine_facts
-from .results import write_text
+from . import build_info, ops, raw_record
+from .machine import describe_commit, describe_machine, git_commit, load_averages, machine_facts
 
 RATIOS = (0.01, 0.10, 0.50)
 SGD_HP = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 ADAM_HP = dict(lr=1e-3, weight_decay=1e-2)
 B_UPDATES = 8
+WARMUP = 3  # untimed rounds before the timed ones
+#: What a raw record names as its maker: ``--report`` refuses any other.
+HARNESS = "unlearn_ext.bench"
 
 #: Not a model: ``tensor<N>`` is one N-element tensor (``tensor1e8``: the single-layer bandwidth case,
 #: run on CUDA by default; a small N makes a quick smoke run).
@@ -63,11 +69,12 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(fns: dict, device, reps: int, warmup: int = 3) -> dict:
-    """Median seconds of each fn over `reps` rounds. The fns run interleaved (one of each per round, in a
-    rotating order), so load from other processes on a shared machine hits all sides alike."""
+def measure(fns: dict, device, reps: int) -> dict:
+    """Seconds of each fn in each of `reps` rounds after `WARMUP` untimed ones. The fns run interleaved (one of
+    each per round, in a rotating order), so load from other processes on a shared machine hits all sides
+    alike."""
     names = list(fns)
-    for _ in range(warmup):
+    for _ in range(WARMUP):
         for name in names:
             fns[name]()
     _sync(device)
@@ -80,7 +87,7 @@ def measure(fns: dict, device, reps: int, warmup: int = 3) -> dict:
             fns[name]()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 # ---- baselines -------------------------------------------------------------------------------------
@@ -129,11 +136,21 @@ def bench_model(name, shapes, device, ratios, reps, dtype=torch.float32):
     before = [(x.float() - 1e-3 * torch.randn(x.shape, generator=gen).to(device)).to(dtype) for x in xs]
     n = sum(x.numel() for x in xs)
 
-    def row(op, ratio, ours, base, nbytes, baseline):
+    rounds = {}  # every timed round (ms) of the measurement the next rows come from, by the name timed
+
+    def timed(fns):
+        times = measure(fns, device, reps)
+        rounds.clear()
+        rounds.update({k: [1e3 * t for t in ts] for k, ts in times.items()})
+        return {k: statistics.median(ts) for k, ts in times.items()}
+
+    def row(op, ratio, ours, base, nbytes, baseline, names=("ours", "base")):
+        """``names``: the fns of the measurement's rounds that ``ours`` and ``base`` are the medians of."""
         rows.append(dict(model=name, device=str(device), op=op, ratio=ratio, ours_ms=ours * 1e3,
                          base_ms=base * 1e3 if base is not None else None,
                          speedup=(base / ours) if base is not None else None,
-                         gbps=(nbytes / ours / 1e9) if device.type == "cuda" else None, baseline=baseline))
+                         gbps=(nbytes / ours / 1e9) if device.type == "cuda" else None, baseline=baseline,
+                         rounds_ms=dict(rounds), timed=dict(zip(("ours", "base"), names))))
         r = rows[-1]
         base_s = f"{r['base_ms']:9.2f} ms" if base is not None else "        -   "
         sp = f"{r['speedup']:6.2f}x" if base is not None else "     - "
@@ -144,21 +161,20 @@ def bench_model(name, shapes, device, ratios, reps, dtype=torch.float32):
     for ratio in ratios:
         k = sum(ops.keep_count(x.numel(), ratio) for x in xs)
         copies = [torch.empty_like(x) for x in xs]
-        t = measure({"ours": lambda: ops.layerwise_topk(xs, ratio), "base": lambda: topk_loop(xs, ratio),
-                     "copy": lambda: torch._foreach_copy_(copies, xs)}, device, reps)
+        t = timed({"ours": lambda: ops.layerwise_topk(xs, ratio), "base": lambda: topk_loop(xs, ratio),
+                   "copy": lambda: torch._foreach_copy_(copies, xs)})
         ours, base = t["ours"], t["base"]
         row("layerwise_topk", ratio, ours, base, n * es + k * (es + 4), "per-layer torch.topk loop")
         rows[-1]["vs_copy"] = ours / t["copy"]
         del copies
 
-        t = measure({"ours": lambda: ops.layerwise_topk(xs, ratio, subtract=before),
-                     "base": lambda: topk_sub_loop(xs, before, ratio)}, device, reps)
+        t = timed({"ours": lambda: ops.layerwise_topk(xs, ratio, subtract=before),
+                   "base": lambda: topk_sub_loop(xs, before, ratio)})
         ours, base = t["ours"], t["base"]
         row("layerwise_topk(subtract=)", ratio, ours, base, 2 * n * es + k * (es + 4),
             "materialise after-before, per-layer torch.topk loop")
 
-        t = measure({"ours": lambda: ops.layerwise_topk_mask(xs, ratio), "base": lambda: mask_loop(xs, ratio)},
-                    device, reps)
+        t = timed({"ours": lambda: ops.layerwise_topk_mask(xs, ratio), "base": lambda: mask_loop(xs, ratio)})
         ours, base = t["ours"], t["base"]
         row("layerwise_topk_mask", ratio, ours, base, n * es + n, "per-layer torch.topk + scatter")
 
@@ -173,8 +189,8 @@ def bench_model(name, shapes, device, ratios, reps, dtype=torch.float32):
         offsets = torch.tensor(offs, dtype=torch.int64, device=device)
         indices_long = indices.long()
         dense = [x.clone() for x in xs]
-        t = measure({"ours": lambda: ops.sparse_accumulate_(dense, values, indices, offsets, -1.0),
-                     "base": lambda: index_add_loop(dense, values, indices_long, offs, -1.0)}, device, reps)
+        t = timed({"ours": lambda: ops.sparse_accumulate_(dense, values, indices, offsets, -1.0),
+                   "base": lambda: index_add_loop(dense, values, indices_long, offs, -1.0)})
         ours, base = t["ours"], t["base"]
         row(f"sparse_accumulate_ (B={B_UPDATES})", ratio, ours, base, values.numel() * (es + 4 + 2 * es),
             "per-segment index_add_ loop")
@@ -195,17 +211,17 @@ def bench_model(name, shapes, device, ratios, reps, dtype=torch.float32):
         for p, g in zip(tparams, grads):
             p.grad = g.clone()
         opt.step()  # creates the momentum buffers
-        t = measure({"base": salun_sgd, "plain": opt.step,
-                     "ours": lambda: ops.masked_sgd_(params, grads, bufs, masks, 1.0, **SGD_HP),
-                     "ours_sel": lambda: ops.masked_sgd_(params, grads, bufs, None, ratio, **SGD_HP),
-                     "base_sel": lambda: (mask_loop(grads, ratio), salun_sgd())}, device, reps)
+        t = timed({"base": salun_sgd, "plain": opt.step,
+                   "ours": lambda: ops.masked_sgd_(params, grads, bufs, masks, 1.0, **SGD_HP),
+                   "ours_sel": lambda: ops.masked_sgd_(params, grads, bufs, None, ratio, **SGD_HP),
+                   "base_sel": lambda: (mask_loop(grads, ratio), salun_sgd())})
         base, plain, ours = t["base"], t["plain"], t["ours"]
         row("masked_sgd_ (masks given)", ratio, ours, base, n * (5 * es + 1), "grad*mask + SGD(foreach) step")
         rows[-1]["vs_plain_sgd"] = ours / plain
-        row("  plain SGD(foreach) step, no mask", ratio, plain, None, n * 5 * es, "-")
+        row("  plain SGD(foreach) step, no mask", ratio, plain, None, n * 5 * es, "-", names=("plain", None))
         ours, base_sel = t["ours_sel"], t["base_sel"]
         row("masked_sgd_ (top-k of abs(grad) inside)", ratio, ours, base_sel, n * (5 * es) + n * es,
-            "per-layer topk mask + grad*mask + SGD(foreach) step")
+            "per-layer topk mask + grad*mask + SGD(foreach) step", names=("ours_sel", "base_sel"))
         rows[-1]["vs_plain_sgd"] = ours / plain
 
         m1 = [torch.zeros_like(x) for x in xs]
@@ -221,9 +237,8 @@ def bench_model(name, shapes, device, ratios, reps, dtype=torch.float32):
                 p.grad.copy_(g).mul_(m)
             aopt.step()
 
-        t = measure({"base": salun_adam,
-                     "ours": lambda: ops.masked_adam_(params, grads, m1, m2, masks, 1.0, step=5, **ADAM_HP)},
-                    device, reps)
+        t = timed({"base": salun_adam,
+                   "ours": lambda: ops.masked_adam_(params, grads, m1, m2, masks, 1.0, step=5, **ADAM_HP)})
         ours, base = t["ours"], t["base"]
         row("masked_adam_ (masks given)", ratio, ours, base, n * (7 * es + 1), "grad*mask + AdamW(foreach) step")
         del upd, values, indices, dense, grads, masks, params, bufs, tparams, opt, m1, m2, aparams, aopt
@@ -232,18 +247,23 @@ def bench_model(name, shapes, device, ratios, reps, dtype=torch.float32):
 
 # ---- output ---------------------------------------------------------------------------------------------
 
-def write_markdown(path, rows, facts, args, command):
+def report(doc: dict) -> str:
+    """The markdown page, from a raw record alone (what ``--report`` reads back)."""
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
+    rows = doc["rows"]
+    raw = (f"Raw figures (every timed round of every row): `{doc['json']}`; `{doc['prog']} --report "
+           f"{doc['json']}` rewrites this page from them." if doc["json"] else "Raw figures not saved.")
     lines = ["# unlearn_ext kernel benchmarks", "",
-             f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} with "
-             f"`{command}`.", "",
+             f"Measured {doc['finished_utc']} UTC with `{doc['command']}` ({doc['seconds']:.0f} s, "
+             f"{describe_commit(doc['git'])}). {raw}", "",
              "## Machine", ""]
-    for k, v in facts.items():
+    for k, v in doc["machine"].items():
         lines.append(f"- {k}: `{v}`")
+    lines.append(f"- loadavg_after: `{doc['loadavg_end']}`")
     lines += ["", "Ours and the baseline run interleaved in the same timed rounds (medians of "
-              f"{args.reps or (5 if args.quick else 7)} rounds after 3 warm-up rounds), so load from other "
+              f"{doc['args']['reps']} rounds after {doc['args']['warmup']} warm-up rounds), so load from other "
               "processes on a shared machine hits both alike; absolute times on a shared VM are noisy, the "
               "ratios much less so. No GPU rows unless torch.cuda.is_available()."]
     lines += ["", "Speed-up = baseline median / ours median, both measured in this run (float32, random values "
@@ -275,9 +295,8 @@ def write_markdown(path, rows, facts, args, command):
         if r["baseline"] != "-" and r["op"] not in seen:
             seen.add(r["op"])
             lines.append(f"- {r['op'].strip()}: {r['baseline']}")
-    lines += ["", "## Targets", ""] + [f"- {t}" for t in targets(rows)] + [""]
-    write_text("\n".join(lines), path)
-    print(f"wrote {path}")
+    lines += ["", "## Targets", ""] + [f"- {t}" for t in doc["targets"]] + [""]
+    return "\n".join(lines)
 
 
 def targets(rows):
@@ -310,7 +329,10 @@ def main(argv=None, prog=None):
     parser = argparse.ArgumentParser(prog=prog, description=" ".join(summary.split()), epilog=details,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="ResNet-18 only, r=10%%, few repetitions")
-    parser.add_argument("--markdown", metavar="PATH", help="also write a markdown table with machine facts")
+    parser.add_argument("--markdown", metavar="PATH",
+                        help="also write a markdown page with machine facts, and its raw figures beside it (.json)")
+    parser.add_argument("--report", metavar="JSON",
+                        help="measure nothing: write the page from this raw record (to --markdown, else beside it)")
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
                         help="where to run (default: the CPU, and CUDA when available)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
@@ -320,6 +342,12 @@ def main(argv=None, prog=None):
                              "CUDA)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.markdown is not None and args.markdown.endswith(".json"):  # the page would overwrite its raw record
+        parser.error(f"--markdown: {args.markdown!r} ends in .json; name the page (.md), its raw figures go beside it")
+    if args.report:
+        raw_record.report(parser, args.report, HARNESS, report, args.markdown)
+        print(f"wrote {args.markdown or os.path.splitext(args.report)[0] + '.md'}")
+        return 0
 
     if build_info()["backend"] != "compiled":
         print(f"{parser.prog}: WARNING: compiled kernels not loaded; timing the pure-PyTorch reference", flush=True)
@@ -338,17 +366,24 @@ def main(argv=None, prog=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"{parser.prog}: --device cuda but torch.cuda.is_available() is False")
 
-    facts = machine_facts()
-    print(f"{parser.prog}: {describe_machine(facts)}", flush=True)
+    doc = {"harness": HARNESS, "prog": parser.prog, "command": " ".join([parser.prog] + argv),
+           "json": args.markdown and raw_record.json_beside(args.markdown),
+           "args": {"device": args.device, "quick": args.quick, "reps": reps, "warmup": WARMUP,
+                    "ratios": list(ratios), "models": {str(d): models_for(d) for d in devices}},
+           "started_utc": raw_record.utc_minute(), "machine": machine_facts(),
+           "git": git_commit(os.path.dirname(os.path.abspath(__file__)))}
+    print(f"{parser.prog}: {describe_machine(doc['machine'])}", flush=True)
+    t0 = time.perf_counter()
     rows = []
     for device in devices:
         for name in models_for(device):
             rows += bench_model(name, model_shapes(name), device, ratios, reps)
-    load = load_averages()
-    if load is not None:
-        facts["loadavg_after"] = load
-    for t in targets(rows):
+    doc.update(rows=rows, targets=targets(rows), seconds=time.perf_counter() - t0, loadavg_end=load_averages(),
+               finished_utc=raw_record.utc_minute())
+    for t in doc["targets"]:
         print(t)
-    if args.markdown:
-        write_markdown(args.markdown, rows, facts, args, " ".join([parser.prog] + argv))
+    if args.markdown:  # the raw figures first: the page is rendered from what was written
+        raw_record.write_then_page(doc, args.markdown, report)
+        print(f"wrote {args.markdown} and {doc['json']}")
     return 0
+
