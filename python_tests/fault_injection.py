@@ -495,8 +495,12 @@ def disk_full_trial(workdir: str, golden: Golden, rng: random.Random, how: str =
             assert "step" not in res.message
             return {"how": how, "limit": limit, "kept": 0, "phase": "manifest", "message": res.message}
         store = open_quietly(path)
-        assert not store.dropped.regions and store.dropped.unclean, f"a full disk left {store.dropped}"
-        n = _check_prefix(store, golden, path)
+        try:
+            assert not store.dropped.regions and store.dropped.unclean, f"a full disk left {store.dropped}"
+            n = _check_prefix(store, golden, path)
+        finally:  # a handle keeps its file open until it is collected, and an open file keeps a tmpfs mounted
+            store.close()
+            del store
         if n == N_STEPS:
             assert "writing the trailer at close failed" in res.message, res.message
             assert f"all {n} records are on disk and readable" in res.message, res.message
@@ -508,8 +512,8 @@ def disk_full_trial(workdir: str, golden: Golden, rng: random.Random, how: str =
         return {"how": how, "limit": limit, "kept": n, "phase": "trailer" if n == N_STEPS else "records",
                 "message": res.message}
     finally:
-        if mounted:
-            subprocess.run(["umount", d], check=False, capture_output=True)
+        if mounted:  # lazily: a tmpfs left mounted would hold the next trials' files and the work folder
+            subprocess.run(["umount", "--lazy", d], check=True, capture_output=True)
 
 
 def tmpfs_available(workdir: str) -> bool:
