@@ -14,6 +14,7 @@ run (``benchmarks/amnesiac_regime.py``); :func:`run_experiment` is one training 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -308,8 +309,22 @@ class Experiment:
         self._store_paths.append(path)
         return DiskStore(path)
 
+    @contextlib.contextmanager
+    def _kernels(self):
+        """``torch.use_deterministic_algorithms`` on while the configuration asks for it, restored after."""
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(self.cfg.deterministic or was_deterministic)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic)
+
     def train(self, progress: bool = True) -> torch.nn.Module:
         """Train the original model with the configured recipe, recording every store the methods need."""
+        with self._kernels():
+            return self._train(progress)
+
+    def _train(self, progress: bool) -> torch.nn.Module:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = self.model_factory()
@@ -355,19 +370,17 @@ class Experiment:
         retain, validation, reported test), the forgetting target and one row per model — the original, then
         Retrain, then every other method — with :func:`metrics.evaluate`'s columns, seconds, the method's
         statistics and effective hyper-parameters, its calibration (tries, met; a calibrated row's seconds and
-        RTE count every try, ``seconds_kept_try``/``rte_kept_try``/``steps_all_tries`` beside), its verdict (target met,
-        forgot, equals the original), storage, RTE, the gap to Retrain and a digest of the final weights.
-        ``cfg.deterministic`` turns on ``torch.use_deterministic_algorithms`` for the run (restored
-        afterwards): with it, the same config gives bitwise-identical weights on the CPU."""
-        was_deterministic = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(self.cfg.deterministic or was_deterministic)
+        RTE count every try, ``seconds_kept_try``/``rte_kept_try``/``steps_all_tries`` beside), its verdict
+        (target met, forgot, equals the original), storage, RTE, the gap to Retrain and a digest of the final
+        weights. ``cfg.deterministic`` (the default) turns on ``torch.use_deterministic_algorithms`` while
+        :meth:`train` and :meth:`run` work (restored afterwards): with it, the same config on the same thread
+        count gives bitwise-identical weights on the CPU."""
         try:
             ids = self.forget_ids()
             self.train(progress)
             return self.run(ids, progress)
         finally:
             self.close()
-            torch.use_deterministic_algorithms(was_deterministic)
 
     # ------------------------------------------------------------------------------------------ unlearning
     def _rows_to_run(self) -> List[Tuple[str, str, Optional[float]]]:
@@ -390,6 +403,10 @@ class Experiment:
         smaller than the loss-LR attack's :data:`MIN_FORGET` is evaluated without that attack."""
         if self.model is None:
             raise RuntimeError("Experiment.run: call train() first")
+        with self._kernels():
+            return self._run(forget_ids, progress, methods, forget_class)
+
+    def _run(self, forget_ids, progress, methods, forget_class) -> dict:
         cfg, d, model = self.cfg, self.data, self.model
         forget_class = cfg.forget_class if forget_class is None else forget_class
         forget_ds, retain_ds = data.split_forget(d.train, forget_ids)
