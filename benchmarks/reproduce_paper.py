@@ -132,7 +132,9 @@ def report(raw: dict) -> str:
            f"markdown from `{raw['json_name']}` by `--report`.", "",
            f"Machine: {raw['machine']}; torch threads {threads}. Load average at start {raw['load_start']:.1f}"
            + (f", at end {raw['load_end']:.1f}" if raw.get("load_end") is not None else " (run not finished)")
-           + " (seconds are wall time, inflated on a shared machine)."]
+           + " (seconds are wall time, inflated on a shared machine)."
+           + (f" Joined from {len(raw['parts'])} processes run side by side (`--report` of their JSONs)."
+              if raw.get("parts") else "")]
     if first is not None:
         seeds = sorted({r["config"]["seed"] for p in done for r in p["runs"]})
         out += ["", "Protocol: " + _protocol(first["config"], seeds) +
@@ -160,7 +162,8 @@ def _seed_config(args, base: ExperimentConfig, dataset: str, model: str, seed: i
     """``base`` (the setting) with every option the command line gave."""
     given = {k: v for k, v in dict(
         forget_ratio=args.forget_ratio, forget_class=args.forget_class, epochs=args.epochs,
-        batch_size=args.batch_size, value_dtype=args.value_dtype, root=args.root).items() if v is not None}
+        batch_size=args.batch_size, value_dtype=args.value_dtype, root=args.root, threads=args.threads).items()
+        if v is not None}
     for name in ("train_size", "test_size"):
         if getattr(args, name) is not None:
             given[name] = getattr(args, name) or None  # 0: the whole split
@@ -173,6 +176,30 @@ def _seed_config(args, base: ExperimentConfig, dataset: str, model: str, seed: i
     return dataclasses.replace(base, dataset=dataset, model=model, methods=methods, seed=seed,
                                calibrate=base.calibrate and not args.no_calibrate,
                                store_dir=args.store_dir, keep_stores=False, **given)
+
+
+def _joined(parser, records, page: str) -> dict:
+    """One raw record of runs made by several processes (a seed each): their runs per (data set, model), by
+    seed; each process's command, commit and load kept under ``parts``."""
+    joined = dict(records[0], command=" ; ".join(r["command"] for r in records),
+                  json_name=os.path.basename(raw_record.json_beside(page)),
+                  load_start=max(r["load_start"] for r in records),
+                  load_end=None if any(r["load_end"] is None for r in records) else max(r["load_end"] for r in records),
+                  parts=[{k: r[k] for k in ("command", "started_at", "commit", "load_start", "load_end")}
+                         for r in records])
+    pairs = {}
+    for record in records:
+        for pair in record["pairs"]:
+            into = pairs.setdefault((pair["dataset"], pair["model"]), dict(pair, runs=[]))
+            into["runs"] += pair["runs"]
+    for (ds, model), pair in pairs.items():
+        seeds = [r["config"]["seed"] for r in pair["runs"]]
+        if len(set(seeds)) < len(seeds):
+            parser.error(f"--report: {ds}/{model} seed(s) {sorted({s for s in seeds if seeds.count(s) > 1})} "
+                         "appear in more than one file")
+        pair["runs"].sort(key=lambda r: r["config"]["seed"])
+    joined["pairs"] = list(pairs.values())
+    return joined
 
 
 def _arguments(argv):
@@ -190,6 +217,7 @@ def _arguments(argv):
     p.add_argument("--test-size", type=int, default=None, help="0: the whole test split")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's); recorded")
     p.add_argument("--no-calibrate", action="store_true")
     p.add_argument("--store-dir", default=None,
                    help="DiskStores here instead of memory (large models); removed after each seed")
@@ -199,13 +227,19 @@ def _arguments(argv):
                    "beside the --report JSON); the raw record goes beside it (.json)")
     p.add_argument("--resume", action="store_true",
                    help="keep the (data set, model, seed) runs already in the JSON and run only the others")
-    p.add_argument("--report", metavar="JSON", help="measure nothing: write the page from this raw record")
+    p.add_argument("--report", metavar="JSON[,JSON...]",
+                   help="measure nothing: write the page from this raw record (several: one page of their runs)")
     return p, p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     parser, args = _arguments(argv)
     page = raw_record.page_path(parser, args.out)
+    if args.report and "," in args.report:  # one run per seed in parallel processes, joined
+        records = [raw_record.read(parser, path, HARNESS) for path in args.report.split(",")]
+        page = page or os.path.splitext(args.report.split(",")[0])[0] + ".md"
+        print(raw_record.write_then_page(_joined(parser, records, page), page, report))
+        return 0
     if args.report:
         print(raw_record.report(parser, args.report, HARNESS, report, page))
         return 0

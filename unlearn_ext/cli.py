@@ -103,6 +103,8 @@ def _add_experiment_args(p: argparse.ArgumentParser, defaults: ExperimentConfig)
                    help="one run per seed, each in [0, 2**32) (data subsample, forget set, initialisation, shuffles)")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=defaults.deterministic,
                    help="bitwise-reproducible runs on the CPU for a given thread count (default: on)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: torch's); results depend on it, results.json records it")
     p.add_argument("--no-calibrate", action="store_true",
                    help="run every method at its plain defaults, without running it to the forgetting target")
     p.add_argument("--value-dtype", default=defaults.value_dtype, choices=sorted(VALUE_DTYPE_BY_NAME),
@@ -125,7 +127,7 @@ def _config(args, seed: int, out: str = "") -> ExperimentConfig:
                             forget_class=args.forget_class, train_size=args.train_size or None,
                             test_size=args.test_size or None, keep_ratio=args.keep_ratio,
                             keep_ratios=args.keep_ratios, epochs=args.epochs, batch_size=args.batch_size,
-                            lr=args.lr, seed=seed, deterministic=args.deterministic,
+                            lr=args.lr, seed=seed, deterministic=args.deterministic, threads=args.threads,
                             calibrate=not args.no_calibrate, value_dtype=args.value_dtype,
                             store_dir=args.store_dir or out_stores, keep_stores=args.store_dir is not None,
                             method_hparams=args.hparams)

@@ -68,6 +68,7 @@ class ExperimentConfig:
     lr: Optional[float] = None  # None: the model's recommended learning rate
     seed: int = 0
     deterministic: bool = True  # bitwise-reproducible on the CPU for a given thread count (recorded)
+    threads: Optional[int] = None  # torch's CPU threads while it runs (None: torch's default); results depend on it
     calibrate: bool = True  # run methods with a strength knob to the forgetting target
     value_dtype: str = "float32"  # of the recorded updates
     store_dir: Optional[str] = None  # DiskStore files there; None: in memory
@@ -181,6 +182,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
                              "keep_ratios, a row per r); set it there")
     for name in ("epochs", "batch_size"):
         _positive_int(name, getattr(cfg, name))
+    if cfg.threads is not None:
+        _positive_int("threads", cfg.threads)
     for name in ("train_size", "test_size"):
         if getattr(cfg, name) is not None:
             _positive_int(name, getattr(cfg, name), minimum=2)
@@ -311,13 +314,16 @@ class Experiment:
 
     @contextlib.contextmanager
     def _kernels(self):
-        """``torch.use_deterministic_algorithms`` on while the configuration asks for it, restored after."""
-        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        """The configuration's thread count and ``torch.use_deterministic_algorithms`` while it works, both
+        restored after."""
+        was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
         torch.use_deterministic_algorithms(self.cfg.deterministic or was_deterministic)
+        torch.set_num_threads(self.cfg.threads or was_threads)
         try:
             yield
         finally:
             torch.use_deterministic_algorithms(was_deterministic)
+            torch.set_num_threads(was_threads)
 
     def train(self, progress: bool = True) -> torch.nn.Module:
         """Train the original model with the configured recipe, recording every store the methods need."""

@@ -51,10 +51,8 @@ def write_then_page(record: dict, page: Optional[str], render: Callable[[dict], 
     return markdown
 
 
-def report(parser: argparse.ArgumentParser, path: str, harness: str, render: Callable[[dict], str],
-           page: Optional[str] = None) -> str:
-    """``--report path``: the page of the raw record at ``path`` (written by ``harness``), written to ``page``
-    (default: beside the record); any other file is an argparse error naming --report, with nothing written."""
+def read(parser: argparse.ArgumentParser, path: str, harness: str) -> dict:
+    """The raw record at ``path`` written by ``harness``; any other file is an argparse error naming --report."""
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
@@ -62,6 +60,14 @@ def report(parser: argparse.ArgumentParser, path: str, harness: str, render: Cal
         parser.error(f"--report: cannot read {path!r} as JSON ({e})")
     if not isinstance(record, dict) or record.get("harness") != harness:
         parser.error(f"--report: {path!r} is not a raw record of {harness}")
+    return record
+
+
+def report(parser: argparse.ArgumentParser, path: str, harness: str, render: Callable[[dict], str],
+           page: Optional[str] = None) -> str:
+    """``--report path``: the page of the raw record at ``path`` (written by ``harness``), written to ``page``
+    (default: beside the record); any other file is an argparse error naming --report, with nothing written."""
+    record = read(parser, path, harness)
     try:
         markdown = render(record)
     except INCOMPLETE as e:
@@ -70,4 +76,4 @@ def report(parser: argparse.ArgumentParser, path: str, harness: str, render: Cal
     return markdown
 
 
-__all__ = ["INCOMPLETE", "json_beside", "page_path", "report", "utc_minute", "write_then_page"]
+__all__ = ["INCOMPLETE", "json_beside", "page_path", "read", "report", "utc_minute", "write_then_page"]
