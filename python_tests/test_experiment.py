@@ -144,6 +144,8 @@ def test_a_store_left_in_store_dir_is_never_appended_to(tmp_path):
     (dict(methods=["retrain", "amnesiac", "retrain"]), r"methods: \['retrain'\] selected twice"),
     (dict(keep_ratios=[0.1, 0.1000001]), "keep_ratios: .* name the row and store r=0.1 more than once"),
     (dict(method_hparams={"partial_optimization": {"keep_ratio": 0.3}}), "the keep_ratio of partial_optimization"),
+    (dict(threads=0), "threads must be an integer >= 1, got 0"),
+    (dict(threads=1.5), "threads must be an integer >= 1, got 1.5"),
 ])
 def test_configurations_that_would_crash_late_or_record_wrong_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
