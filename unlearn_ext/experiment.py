@@ -84,8 +84,8 @@ class ExperimentConfig:
 #:
 #: * 3,000 Fashion-MNIST training images at batch 8 with a 50-image forget set: a forget sample sits in 12.6 %
 #:   of the steps (1 − (1 − 50/3000)^8) instead of 72 % at batch 128, and each attack has 50 members (fewer
-#:   make the MIA columns unreliable). 12.6 % is still past the fraction up to which partial amnesiac stays near
-#:   Retrain (benchmarks/results/amnesiac_regime.md), and the demo's row shows that cost;
+#:   make the MIA columns unreliable). At 12.6 % partial amnesiac r = 0.1 forgets but loses about 12 TA points
+#:   (benchmarks/results/amnesiac_regime_leaking.md, this setting), and the demo's row shows that cost;
 #: * LeNet for 40 epochs (15,000 steps) with the paper's Adam at 1e-3, so the original memorises its training set
 #:   and leaks membership against Retrain;
 #: * updates recorded in float16: the dense record of 15,000 steps would be 6.5 GB as float32 deltas and is 2.0 GB
