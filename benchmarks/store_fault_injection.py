@@ -186,6 +186,5 @@ def main(argv=None) -> int:
     return 1 if raw["failures"] else 0
 
 
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,6 @@ run (``benchmarks/amnesiac_regime.py``); :func:`run_experiment` is one training 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import math
@@ -37,7 +36,7 @@ from .durable import FolderLock
 from .machine import machine_facts
 from .record import DiskStore
 from .record.identity import VALUE_DTYPE_BY_NAME
-from .train import TrainConfig, train
+from .train import TrainConfig, kernels, train
 
 PAPER_METHODS = ["amnesiac", "partial_amnesiac", "label_flip", "partial_label_flip", "optimization",
                  "partial_optimization"]
@@ -312,22 +311,9 @@ class Experiment:
         self._store_paths.append(path)
         return DiskStore(path)
 
-    @contextlib.contextmanager
-    def _kernels(self):
-        """The configuration's thread count and ``torch.use_deterministic_algorithms`` while it works, both
-        restored after."""
-        was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-        torch.use_deterministic_algorithms(self.cfg.deterministic or was_deterministic)
-        torch.set_num_threads(self.cfg.threads or was_threads)
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(was_deterministic)
-            torch.set_num_threads(was_threads)
-
     def train(self, progress: bool = True) -> torch.nn.Module:
         """Train the original model with the configured recipe, recording every store the methods need."""
-        with self._kernels():
+        with kernels(self.cfg.deterministic, self.cfg.threads):
             return self._train(progress)
 
     def _train(self, progress: bool) -> torch.nn.Module:
@@ -409,7 +395,7 @@ class Experiment:
         smaller than the loss-LR attack's :data:`MIN_FORGET` is evaluated without that attack."""
         if self.model is None:
             raise RuntimeError("Experiment.run: call train() first")
-        with self._kernels():
+        with kernels(self.cfg.deterministic, self.cfg.threads):
             return self._run(forget_ids, progress, methods, forget_class)
 
     def _run(self, forget_ids, progress, methods, forget_class) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def kernels(deterministic: bool, threads: Optional[int] = None) -> Iterator[None]:
+    """Deterministic kernels (when asked; one already on stays on) and ``threads`` torch CPU threads (None: as
+    they are) for the block, both restored after: results depend on both."""
+    was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(deterministic or was_deterministic)
+    torch.set_num_threads(int(threads or was_threads))
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(was_threads)
 
 
 def unpack_batch(batch) -> Tuple[torch.Tensor, torch.Tensor, object]:

@@ -32,13 +32,12 @@ without a GradScaler, so no step is skipped but the empty ones.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
 import re
 import shutil
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -46,7 +45,7 @@ from torch.utils.data import Dataset
 
 from .. import data
 from ..durable import atomic_save
-from ..train import TrainConfig, make_optimizer, train_step
+from ..train import TrainConfig, kernels, make_optimizer, train_step
 
 Tensor = torch.Tensor
 SCHEDULES = ("constant", "cosine")
@@ -117,17 +116,9 @@ def data_digest(train_set: data.IndexedTensorDataset) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def recipe_mode(recipe: dict) -> Iterator[None]:
+def recipe_mode(recipe: dict):
     """Deterministic kernels (when the recipe asked for them) and the recipe's thread count, for the block."""
-    was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.use_deterministic_algorithms(recipe["deterministic"] or was_deterministic)
-    torch.set_num_threads(int(recipe.get("threads", threads)))
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        torch.set_num_threads(threads)
+    return kernels(recipe["deterministic"], recipe.get("threads"))
 
 
 class Checkpoints:
